@@ -1,0 +1,89 @@
+"""Writes that appear whole or not at all, so a crash or a full disk never leaves a half-written output.
+
+Everything is written beside its final place and renamed into it: a rename within one file system is atomic.
+"""
+
+import os
+import secrets
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+INCOMPLETE_PREFIX = ".incomplete-"  # staging names carry it, so readers can tell them from finished outputs
+
+
+def _staging_name(final: Path, folder: Path | None = None) -> Path:
+    # Not tempfile.mkdtemp/mkstemp: those make owner-only (0700/0600) outputs; these get the usual umask.
+    return (folder or final.parent) / f"{INCOMPLETE_PREFIX}{final.name}-{secrets.token_hex(4)}"
+
+
+@contextmanager
+def staged_directory(final, overwrite: bool = False):
+    """Yield an empty staging folder; on success it replaces `final`, on any error it is removed.
+
+    An existing `final` that is not an empty folder is refused unless `overwrite`; it is then swapped out only
+    after the new folder is complete, so it survives every failure before that point.
+    """
+    final = Path(final)
+    if final.exists() and not overwrite and (not final.is_dir() or any(final.iterdir())):
+        raise FileExistsError(f"{final} already exists and is not empty; choose another path or allow overwriting it")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = _staging_name(final)
+    staging.mkdir()
+    try:
+        yield staging
+        if final.exists():
+            retired = _staging_name(final)
+            final.replace(retired)
+            staging.replace(final)
+            shutil.rmtree(retired) if retired.is_dir() else retired.unlink()
+        else:
+            staging.replace(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def staged_contents(folder, marker: str):
+    """Yield a staging folder whose entries then replace the entries of the same name in `folder`.
+
+    For a folder that also holds other things (a training run's checkpoints and logs beside its saved pipeline),
+    so it cannot be swapped whole. `marker` is the file that makes the folder usable (model_index.json for a
+    pipeline): it leaves first and arrives last, so a crash midway leaves no marker rather than a silent mix of
+    old and new files, and the old entries wait in a retired folder.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    staging, retired = _staging_name(folder, folder), _staging_name(folder, folder)
+    staging.mkdir()
+    try:
+        yield staging
+        retired.mkdir()
+        if (folder / marker).exists():
+            (folder / marker).replace(retired / marker)
+        for entry in sorted(staging.iterdir(), key=lambda entry: entry.name == marker):
+            if (folder / entry.name).exists():
+                (folder / entry.name).replace(retired / entry.name)
+            entry.replace(folder / entry.name)
+        shutil.rmtree(retired)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def atomic_write(path, write) -> Path:
+    """Call `write(temporary_path)`, then rename the temporary file to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = _staging_name(path)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path, text: str) -> Path:
+    return atomic_write(path, lambda temporary: Path(temporary).write_text(text))

@@ -1,0 +1,103 @@
+"""Accuracy on the synthetic benchmark: train on this machine within a time budget, then score test.json, new_test.json
+and label sets of three objects that never occur together in the training labels.
+
+    python benchmarks/quality.py                              # the recorded CPU run (the `cpu` recipe)
+    python benchmarks/quality.py --recipe epsilon             # a variant, for the comparison table
+    python benchmarks/quality.py --quick                      # every step, on a budget of a few minutes
+
+Steps: (1) the built-in synthetic set and an evaluator trained on it (`evaluate_iclevr.py train`), unless
+`--evaluator_checkpoint` is given; (2) `accelerate launch train_conditional_ddpm.py` with the recipe's flags, timed;
+(3) one image per label set, scored by the evaluator, with the recipe's sampler.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from evaluate_iclevr import evaluate, generate, load_evaluator, load_pipeline, set_scheduler  # noqa: E402
+from iclevr_data import NEW_TEST_JSON, TEST_JSON, default_synthetic_dataset, read_label_sets, read_objects_json  # noqa: E402
+from pipeline_cond_ddpm import multi_hot  # noqa: E402
+
+SCENES = 5000
+# Every recipe trains at 32x32 on the built-in synthetic set; they differ in model and objective.
+COMMON = ["--resolution", "32", "--synthetic_scenes", str(SCENES), "--mixed_precision", "no", "--dataloader_num_workers", "1",
+          "--save_images_epochs", "1000", "--checkpointing_steps", "1000", "--logging_steps", "50"]
+RECIPES = {
+    "cpu": ["--preset", "small", "--train_batch_size", "32", "--max_train_steps", "4000", "--learning_rate", "1e-3",
+            "--lr_warmup_steps", "200", "--prediction_type", "v_prediction", "--snr_gamma", "5"],
+    "epsilon": ["--preset", "small", "--train_batch_size", "32", "--max_train_steps", "4000", "--learning_rate", "1e-3",
+                "--lr_warmup_steps", "200", "--prediction_type", "epsilon", "--snr_gamma", "0"],
+}
+QUICK = ["--preset", "tiny", "--synthetic_scenes", "300", "--train_batch_size", "16", "--max_train_steps", "60",
+         "--learning_rate", "1e-3", "--lr_warmup_steps", "10", "--logging_steps", "20"]
+
+
+def unseen_triples(train_json: Path, class_names: list[str], count: int = 32, seed: int = 0) -> list[list[str]]:
+    """Label sets of three objects that no training image shows together: compositional generalisation."""
+    seen = {frozenset(labels) for labels in json.loads(train_json.read_text()).values() if len(labels) == 3}
+    unseen = [list(c) for c in combinations(class_names, 3) if frozenset(c) not in seen]
+    if len(unseen) < count:
+        raise ValueError(f"only {len(unseen)} combinations of three objects are missing from {train_json}")
+    return [unseen[i] for i in sorted(np.random.default_rng(seed).choice(len(unseen), count, replace=False))]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default="cpu", choices=sorted(RECIPES))
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--evaluator_checkpoint", help="default: train one on the synthetic set first")
+    parser.add_argument("--output_dir", help="default: runs/quality-RECIPE")
+    parser.add_argument("--scheduler", default="dpm++")
+    parser.add_argument("--num_inference_steps", type=int, default=25)
+    parser.add_argument("--guidance_scale", type=float, default=2.0)
+    args = parser.parse_args()
+    output_dir = Path(args.output_dir or ROOT / "runs" / f"quality-{'quick' if args.quick else args.recipe}")
+    flags = COMMON + RECIPES[args.recipe] + (QUICK if args.quick else [])
+    scenes = int(flags[len(flags) - 1 - flags[::-1].index("--synthetic_scenes") + 1])
+    data = default_synthetic_dataset(scenes, seed=0)
+    class_names = read_objects_json()
+
+    evaluator_path = Path(args.evaluator_checkpoint or output_dir / "evaluator" / "evaluator.pth")
+    if not evaluator_path.is_file():
+        epochs = "1" if args.quick else "10"
+        subprocess.run([sys.executable, str(ROOT / "evaluate_iclevr.py"), "train", "--train_data_dir", str(data / "images"),
+                        "--train_json", str(data / "train.json"), "--output", str(evaluator_path), "--num_epochs", epochs], check=True)
+    evaluator_accuracy = json.loads(evaluator_path.with_suffix(".json").read_text())["held_out_accuracy"] if evaluator_path.with_suffix(".json").is_file() else None
+
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+                    "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train_conditional_ddpm.py"), *flags,
+                    "--output_dir", str(output_dir / "pipeline"), "--overwrite_output_dir"], check=True)
+    training_minutes = (time.perf_counter() - start) / 60
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipeline = load_pipeline(output_dir / "pipeline", class_names, device)
+    set_scheduler(pipeline, args.scheduler)
+    evaluator = load_evaluator(evaluator_path, len(class_names), device)
+    label_files = {"test": read_label_sets(TEST_JSON, class_names), "new_test": read_label_sets(NEW_TEST_JSON, class_names),
+                   "unseen_triples": unseen_triples(data / "train.json", class_names)}
+    scores = {}
+    for split, label_sets in label_files.items():
+        images = generate(pipeline, label_sets, args.num_inference_steps, args.guidance_scale, seed=0)
+        scores[split] = evaluate(evaluator, images, multi_hot(label_sets, class_names))
+    result = {"recipe": "quick" if args.quick else args.recipe, "flags": flags, "training_minutes": training_minutes,
+              "sampler": f"{args.scheduler}, {args.num_inference_steps} steps, guidance {args.guidance_scale}",
+              "evaluator_held_out_accuracy": evaluator_accuracy, **scores}
+    (output_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    print("\n| recipe | training minutes | test | new_test | unseen triples | sampler |\n|---|---|---|---|---|---|")
+    print(f"| {result['recipe']} | {training_minutes:.1f} | {scores['test']:.3f} | {scores['new_test']:.3f} "
+          f"| {scores['unseen_triples']:.3f} | {result['sampler']} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Sampling speed against accuracy: schedulers and step counts, each with several guidance scales, same model and seeds.
+
+    python benchmarks/sampling.py --pipeline runs/small --evaluator_checkpoint runs/evaluator/evaluator.pth
+    python benchmarks/sampling.py ... --quick      # DPM-Solver++ 10 and 20 steps, guidance 1 and 3
+
+For each setting: the time to generate the 32 label sets of test.json, and the evaluator's accuracy on test.json and
+new_test.json. The default to pick: the fewest steps that lose no accuracy against 1000-step DDPM.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from evaluate_iclevr import evaluate, generate, load_evaluator, load_pipeline, set_scheduler  # noqa: E402
+from iclevr_data import NEW_TEST_JSON, TEST_JSON, read_label_sets, read_objects_json  # noqa: E402
+from pipeline_cond_ddpm import multi_hot  # noqa: E402
+
+SAMPLERS = [("ddpm", 1000), ("ddim", 50), ("dpm++", 25), ("dpm++", 20), ("dpm++", 10)]
+GUIDANCE_SCALES = [1.0, 2.0, 3.0, 5.0]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pipeline", required=True)
+    parser.add_argument("--evaluator_checkpoint", required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="several seeds average out the 32-image noise")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--output", help="also write the results as JSON here")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    class_names = read_objects_json()
+    pipeline = load_pipeline(args.pipeline, class_names, device)
+    evaluator = load_evaluator(args.evaluator_checkpoint, len(class_names), device)
+    splits = {name: read_label_sets(path, class_names) for name, path in (("test", TEST_JSON), ("new_test", NEW_TEST_JSON))}
+    samplers, scales = ([("dpm++", 20), ("dpm++", 10)], [1.0, 3.0]) if args.quick else (SAMPLERS, GUIDANCE_SCALES)
+
+    rows = []
+    for (scheduler, steps), guidance in [(s, g) for s in samplers for g in scales]:
+        set_scheduler(pipeline, scheduler)
+        accuracies, seconds = {"test": [], "new_test": []}, []
+        for seed in args.seeds:
+            for split, label_sets in splits.items():
+                start = time.perf_counter()
+                images = generate(pipeline, label_sets, steps, guidance, seed=seed)
+                if split == "test":
+                    seconds.append(time.perf_counter() - start)
+                accuracies[split].append(evaluate(evaluator, images, multi_hot(label_sets, class_names)))
+        rows.append({"scheduler": scheduler, "steps": steps, "guidance_scale": guidance,
+                     "seconds_for_32_test_images": sum(seconds) / len(seconds),
+                     **{split: sum(a) / len(a) for split, a in accuracies.items()}})
+        print(json.dumps(rows[-1]), flush=True)
+
+    where = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"\nSampling {args.pipeline} on {where}, seeds {args.seeds}\n")
+    print("| scheduler | steps | guidance | seconds for 32 images | test accuracy | new_test accuracy |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['scheduler']} | {r['steps']} | {r['guidance_scale']} | {r['seconds_for_32_test_images']:.1f} "
+              f"| {r['test']:.3f} | {r['new_test']:.3f} |")
+    reference = [r for r in rows if r["scheduler"] == "ddpm"]
+    if reference:
+        best = max(reference, key=lambda r: r["test"] + r["new_test"])
+        matching = [r for r in rows if r["test"] >= best["test"] and r["new_test"] >= best["new_test"]]
+        fastest = min(matching, key=lambda r: (r["steps"], r["seconds_for_32_test_images"]))
+        print(f"\nFewest steps with no accuracy lost against DDPM-1000 (guidance {best['guidance_scale']}): "
+              f"{fastest['scheduler']} {fastest['steps']} steps, guidance {fastest['guidance_scale']}")
+    if args.output:
+        Path(args.output).write_text(json.dumps({"device": where, "pipeline": args.pipeline, "seeds": args.seeds, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Training throughput: images/s and peak memory per preset and setting, and the training script against a bare loop.
+
+    python benchmarks/throughput.py                 # tiny and base presets, every setting
+    python benchmarks/throughput.py --quick         # tiny preset only, fewer steps: a few minutes on a CPU
+
+Settings: fp32 vs bf16 autocast, channels_last on/off, eager vs torch.compile, each in a bare PyTorch loop (the same
+model and batch, random data already in memory). Then the real training script runs the same model and batch
+(fp32, channels_last, eager: its defaults), and its images/s, read from its own logs, is compared with the bare
+loop's. Each measurement runs in a process of its own, so its peak memory is its own.
+"""
+
+import argparse
+import itertools
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from iclevr_data import read_objects_json  # noqa: E402
+from pipeline_cond_ddpm import CondDDPMPipeline  # noqa: E402
+from train_conditional_ddpm import Denoiser  # noqa: E402
+
+
+def bare_loop(preset, resolution, batch_size, steps, warmup, bf16, channels_last, compile):
+    """Images/s and peak memory of forward + loss + backward + AdamW step, and nothing else."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    pipeline = CondDDPMPipeline.from_preset(preset, read_objects_json(), resolution)
+    model = Denoiser(pipeline.unet, pipeline.label_embedding).to(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    step_model = torch.compile(model) if compile else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+    images = torch.randn(batch_size, 3, resolution, resolution, device=device).to(memory_format=memory_format)
+    labels = (torch.rand(batch_size, 24, device=device) < 0.08).float()
+    timesteps = torch.randint(0, 1000, (batch_size,), device=device)
+    for step in range(warmup + steps):
+        if step == warmup:
+            synchronize(device)
+            start = time.perf_counter()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            loss = F.mse_loss(step_model(images, timesteps, labels).float(), images)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    return {"images_per_second": steps * batch_size / seconds, "peak_memory_mb": peak_memory_mb(device)}
+
+
+def synchronize(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory_mb(device):
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # the process's peak resident memory
+
+
+def in_own_process(function, *args):
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
+
+
+def training_script(preset, resolution, batch_size, steps, data_scenes):
+    """The training script's images/s on the same model and batch, read from its tensorboard log."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with tempfile.TemporaryDirectory() as output_dir:
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train_conditional_ddpm.py"),
+            "--preset", preset, "--resolution", str(resolution), "--train_batch_size", str(batch_size),
+            "--max_train_steps", str(steps), "--logging_steps", str(max(1, steps // 10)), "--synthetic_scenes", str(data_scenes),
+            "--save_images_epochs", "100000", "--num_validation_images", "1", "--ddpm_num_inference_steps", "1",
+            "--dataloader_num_workers", "1", "--checkpointing_steps", str(10 * steps), "--output_dir", output_dir,
+        ]
+        subprocess.run(command, check=True, capture_output=True, text=True)
+        events = EventAccumulator(next(Path(output_dir, "logs").rglob("events.out.tfevents.*")).as_posix())
+        events.Reload()
+        rates = [event.value for event in events.Scalars("images_per_second")][1:-1]  # skip warm-up and the tail
+    return sorted(rates)[len(rates) // 2]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--output", default=None, help="also write the results as JSON here")
+    args = parser.parse_args()
+    on_gpu = torch.cuda.is_available()
+    presets = {"tiny": (32, 64 if on_gpu else 32)} if args.quick else {"tiny": (32, 64 if on_gpu else 32), "base": (64, 64 if on_gpu else 8)}
+    steps, warmup = (10, 3) if args.quick else (30, 5)
+    rows = []
+    for preset, (resolution, batch_size) in presets.items():
+        settings = list(itertools.product([False, True], [False, True], [False, True]))
+        for bf16, channels_last, compile in settings:
+            if args.quick and compile and (bf16 or not channels_last):
+                continue  # the quick mode compiles one setting only: compiling takes minutes on a CPU
+            result = in_own_process(bare_loop, preset, resolution, batch_size, steps, warmup, bf16, channels_last, compile)
+            rows.append({"preset": preset, "resolution": resolution, "batch": batch_size, "precision": "bf16" if bf16 else "fp32",
+                         "channels_last": channels_last, "compile": compile, **result})
+            print(json.dumps(rows[-1]), flush=True)
+    device = torch.cuda.get_device_name() if on_gpu else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"\nTraining throughput on {device}, torch {torch.__version__}\n")
+    print("| preset | resolution | batch | precision | channels_last | compile | images/s | peak memory (MB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['preset']} | {r['resolution']} | {r['batch']} | {r['precision']} | {r['channels_last']} | {r['compile']} "
+              f"| {r['images_per_second']:.1f} | {r['peak_memory_mb']:.0f} |")
+
+    comparisons = []
+    for preset, (resolution, batch_size) in presets.items():
+        bare = next(r for r in rows if r["preset"] == preset and r["precision"] == "fp32" and r["channels_last"] and not r["compile"])
+        script_steps = 40 if args.quick or not on_gpu and preset == "base" else 200
+        script = training_script(preset, resolution, batch_size, script_steps, data_scenes=200 if args.quick else 1000)
+        comparisons.append({"preset": preset, "bare": bare["images_per_second"], "script": script,
+                            "overhead": 1 - script / bare["images_per_second"]})
+    print("\n| preset | bare loop images/s | training script images/s | script overhead |\n|---|---|---|---|")
+    for c in comparisons:
+        print(f"| {c['preset']} | {c['bare']:.1f} | {c['script']:.1f} | {100 * c['overhead']:.1f}% |")
+    if args.output:
+        Path(args.output).write_text(json.dumps({"device": device, "settings": rows, "script_vs_bare": comparisons}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,339 @@
+"""CondDDPMPipeline: a DDPM that draws multi-object scenes from multi-hot object labels (i-CLEVR).
+
+This file is also the pipeline's remote code: `save_pretrained` copies it into the saved folder, so the folder
+loads with plain diffusers (`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`) where this
+project is not installed. It therefore imports nothing but torch, diffusers and the standard library.
+"""
+
+import difflib
+import inspect
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel, UNet2DModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import snapshot_download
+
+# Model sizes. `attention_levels` counts UNet levels from full resolution (0); `cross_attention` switches from an
+# added label embedding alone to `UNet2DConditionModel`, whose attention layers also attend to one token per object.
+PRESETS = {
+    # Tests and CPU smoke runs: about 1M parameters.
+    "tiny": dict(block_out_channels=(32, 64), layers_per_block=1, attention_levels=(), cross_attention=False),
+    # The CPU benchmark model (resolution 32).
+    "small": dict(block_out_channels=(64, 128, 128), layers_per_block=2, attention_levels=(2,), cross_attention=False),
+    # The i-CLEVR GPU model (resolution 64): attention at 16x16 and 8x8.
+    "base": dict(
+        block_out_channels=(128, 256, 256, 512), layers_per_block=2, attention_levels=(2, 3), cross_attention=False
+    ),
+}
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+def multi_hot(labels, class_names: Sequence[str]) -> torch.Tensor:
+    """Turn labels into a float multi-hot tensor of shape (B, len(class_names)).
+
+    `labels` is a list of label sets, each a list of object names and/or indices (`[["red cube", 9], []]`; an empty
+    set is the unconditional "null" label), or a multi-hot tensor or array of shape (B, C) holding only 0 and 1.
+    """
+    num_classes = len(class_names)
+    if isinstance(labels, (str, bytes)) or not hasattr(labels, "__len__") or len(labels) == 0:
+        raise ValueError(f"labels must be a non-empty batch of label sets, got {labels!r}")
+    if not isinstance(labels, (list, tuple)):
+        tensor = torch.as_tensor(labels, dtype=torch.float32)
+        if tensor.ndim != 2 or tensor.shape[1] != num_classes:
+            raise ValueError(
+                f"a multi-hot label tensor must have shape (batch, {num_classes}), got {tuple(tensor.shape)}"
+            )
+        if not torch.all((tensor == 0) | (tensor == 1)):
+            raise ValueError("a multi-hot label tensor may only hold 0 and 1")
+        return tensor
+    encoded = torch.zeros(len(labels), num_classes)
+    for row, label_set in enumerate(labels):
+        if isinstance(label_set, (str, int)) or not isinstance(label_set, Sequence):
+            raise ValueError(
+                f"labels[{row}] is {label_set!r}; each label set must be a list of object names or indices,"
+                ' e.g. [["red cube", "blue sphere"]] for one image'
+            )
+        for label in label_set:
+            index = _class_index(label, class_names)
+            if encoded[row, index]:
+                raise ValueError(f"labels[{row}] names {class_names[index]!r} twice; each object appears at most once")
+            encoded[row, index] = 1
+    return encoded
+
+
+def _class_index(label, class_names: Sequence[str]) -> int:
+    if isinstance(label, str):
+        if label not in class_names:
+            close = difflib.get_close_matches(label, class_names, n=3, cutoff=0.5)
+            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+            raise ValueError(f"unknown object name {label!r}{hint} Known objects: {', '.join(class_names)}")
+        return class_names.index(label)
+    if isinstance(label, int) and not isinstance(label, bool):
+        if not 0 <= label < len(class_names):
+            raise ValueError(f"object index {label} is out of range; indices run from 0 to {len(class_names) - 1}")
+        return label
+    raise ValueError(f"an object must be a name or an index, got {label!r} of type {type(label).__name__}")
+
+
+class LabelEmbedding(ModelMixin, ConfigMixin):
+    """Map multi-hot object labels (B, C) to the UNet's conditioning.
+
+    Each object has a learned vector; a label set is the sum of its objects' vectors, passed through an MLP and
+    added to the UNet's time embedding, so it reaches every resolution. The empty (all-zero) label set, the "null"
+    condition of classifier-free guidance, has its own learned vector. With `cross_attention_dim`, the module also
+    hands the UNet one token per present object (plus the null token, so no row attends to nothing).
+
+    Args:
+        class_names (`list[str]`): the vocabulary, in objects.json index order.
+        embedding_dim (`int`): width of the UNet's time embedding.
+        cross_attention_dim (`int`, *optional*): width of the object tokens; `None` for a `UNet2DModel`.
+    """
+
+    @register_to_config
+    def __init__(self, class_names: list[str], embedding_dim: int, cross_attention_dim: int | None = None):
+        super().__init__()
+        self.objects = nn.Embedding(len(class_names), embedding_dim)
+        self.null = nn.Parameter(torch.randn(embedding_dim) * 0.02)
+        self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(embedding_dim, embedding_dim))
+        if cross_attention_dim is not None:
+            self.object_tokens = nn.Embedding(len(class_names) + 1, cross_attention_dim)  # the last row is null
+
+    def forward(self, multi_hot_labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Return the keyword arguments for the UNet's forward call."""
+        labels = multi_hot_labels.to(self.objects.weight.dtype)
+        summed = labels @ self.objects.weight
+        is_null = labels.sum(dim=1, keepdim=True) == 0
+        conditioning = {"class_labels": self.mlp(torch.where(is_null, self.null, summed))}
+        if self.config.cross_attention_dim is not None:
+            batch = labels.shape[0]
+            conditioning["encoder_hidden_states"] = self.object_tokens.weight.expand(batch, -1, -1)
+            conditioning["encoder_attention_mask"] = torch.cat([labels, torch.ones_like(labels[:, :1])], dim=1)
+        return conditioning
+
+
+class CondDDPMPipeline(DiffusionPipeline):
+    r"""
+    Pipeline for label-conditioned image generation with classifier-free guidance.
+
+    Parameters:
+        unet ([`UNet2DModel`] or [`UNet2DConditionModel`]):
+            Predicts the noise (or velocity) of a noisy image, given the timestep and the label conditioning.
+        label_embedding ([`LabelEmbedding`]):
+            Maps multi-hot labels to the UNet's conditioning; its config holds the object vocabulary.
+        scheduler ([`SchedulerMixin`]):
+            The noise schedule; a [`DDPMScheduler`] as trained. Any diffusers scheduler made with
+            `from_config(pipe.scheduler.config)` (DDIM, DPM-Solver++, ...) works in its place.
+    """
+
+    model_cpu_offload_seq = "label_embedding->unet"
+
+    # `label_embedding` is typed loosely: remote code loads LabelEmbedding from its own copy of this file.
+    def __init__(self, unet: UNet2DModel | UNet2DConditionModel, label_embedding: ModelMixin, scheduler):
+        super().__init__()
+        self.register_modules(unet=unet, label_embedding=label_embedding, scheduler=scheduler)
+
+    @classmethod
+    def from_preset(
+        cls,
+        name: str,
+        class_names: list[str],
+        resolution: int,
+        num_train_timesteps: int = 1000,
+        beta_schedule: str = "squaredcos_cap_v2",
+        prediction_type: str = "epsilon",
+    ) -> "CondDDPMPipeline":
+        """Build an untrained pipeline of the model size `name` (a key of `PRESETS`) for `resolution`-pixel images."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        preset = PRESETS[name]
+        levels = len(preset["block_out_channels"])
+        if not isinstance(resolution, int) or resolution < 2 ** (levels - 1) or resolution % 2 ** (levels - 1):
+            raise ValueError(
+                f"resolution {resolution!r} does not suit the {name!r} UNet: it halves the image {levels - 1} times,"
+                f" so the resolution must be a positive multiple of {2 ** (levels - 1)}"
+            )
+        channels, attention = preset["block_out_channels"], preset["attention_levels"]
+        if preset["cross_attention"]:
+            unet = UNet2DConditionModel(
+                sample_size=resolution,
+                block_out_channels=channels,
+                layers_per_block=preset["layers_per_block"],
+                down_block_types=[
+                    "CrossAttnDownBlock2D" if i in attention else "DownBlock2D" for i in range(levels)
+                ],
+                mid_block_type="UNetMidBlock2DCrossAttn",
+                up_block_types=["CrossAttnUpBlock2D" if i in attention else "UpBlock2D" for i in reversed(range(levels))],
+                cross_attention_dim=channels[-1],
+                attention_head_dim=8,
+                class_embed_type="identity",
+                resnet_time_scale_shift="scale_shift",
+            )
+        else:
+            unet = UNet2DModel(
+                sample_size=resolution,
+                block_out_channels=channels,
+                layers_per_block=preset["layers_per_block"],
+                down_block_types=["AttnDownBlock2D" if i in attention else "DownBlock2D" for i in range(levels)],
+                up_block_types=["AttnUpBlock2D" if i in attention else "UpBlock2D" for i in reversed(range(levels))],
+                add_attention=bool(attention),
+                class_embed_type="identity",
+                resnet_time_scale_shift="scale_shift",
+            )
+        label_embedding = LabelEmbedding(
+            class_names=list(class_names),
+            embedding_dim=channels[0] * 4,
+            cross_attention_dim=channels[-1] if preset["cross_attention"] else None,
+        )
+        scheduler = DDPMScheduler(
+            num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, prediction_type=prediction_type
+        )
+        return cls(unet=unet, label_embedding=label_embedding, scheduler=scheduler)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.label_embedding.config.class_names)
+
+    def check_inputs(self, labels, num_inference_steps, guidance_scale, output_type) -> torch.Tensor:
+        """Validate the call's arguments and return the labels as a multi-hot tensor."""
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+        if not isinstance(guidance_scale, (int, float)) or not guidance_scale >= 0:
+            raise ValueError(f"guidance_scale must be a number >= 0 (1 or less turns guidance off), got {guidance_scale!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        return multi_hot(labels, self.class_names)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        labels,
+        num_inference_steps: int = 1000,
+        guidance_scale: float = 2.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end=None,
+    ) -> ImagePipelineOutput | tuple:
+        r"""
+        Generate one image per label set.
+
+        Args:
+            labels (`list[list[str | int]]`, `torch.Tensor` or `np.ndarray`):
+                The objects to draw: a list of label sets, each a list of object names (`"red cube"`) or indices,
+                or a multi-hot array of shape (batch, number of objects). An empty label set draws unconditionally.
+            num_inference_steps (`int`, *optional*, defaults to 1000):
+                The number of denoising steps. DDPM needs the full 1000; DPM-Solver++ matches it in about 25.
+            guidance_scale (`float`, *optional*, defaults to 2.0):
+                Classifier-free guidance weight. Values above 1 push the image towards its labels, at the cost of a
+                second (unconditional) UNet pass in the same batch; 1 or less skips that pass.
+            generator (`torch.Generator`, *optional*):
+                A generator (or one per image) that makes generation deterministic.
+            output_type (`str`, *optional*, defaults to `"pil"`):
+                `"pil"` (list of `PIL.Image`), `"np"` (array (B, H, W, 3) in [0, 1]) or `"pt"` (tensor (B, 3, H, W)
+                in [0, 1]).
+            return_dict (`bool`, *optional*, defaults to `True`):
+                Whether to return an [`~pipelines.ImagePipelineOutput`] instead of a plain tuple.
+            callback_on_step_end (`Callable`, *optional*):
+                Called after each step as `callback_on_step_end(pipe, step, timestep, {"image": image})`, where
+                `image` is the current noisy sample in [-1, 1]; a returned `{"image": ...}` replaces it.
+
+        Example:
+
+        ```py
+        >>> from diffusers import DPMSolverMultistepScheduler
+        >>> from pipeline_cond_ddpm import CondDDPMPipeline
+
+        >>> pipe = CondDDPMPipeline.from_preset("tiny", ["red cube", "blue sphere"], resolution=16)
+        >>> pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+        >>> images = pipe([["red cube", "blue sphere"], ["blue sphere"]], num_inference_steps=25).images
+        >>> len(images), images[0].size
+        (2, (16, 16))
+        ```
+
+        Returns:
+            [`~pipelines.ImagePipelineOutput`] or `tuple`: the generated images.
+        """
+        labels = self.check_inputs(labels, num_inference_steps, guidance_scale, output_type).to(self.device)
+        do_guidance = guidance_scale > 1
+        if do_guidance:  # conditional and unconditional passes run as one batch
+            labels = torch.cat([labels, torch.zeros_like(labels)])
+        conditioning = {k: v.to(self.unet.dtype) for k, v in self.label_embedding(labels).items()}
+
+        batch_size = len(labels) // 2 if do_guidance else len(labels)
+        size = self.unet.config.sample_size
+        shape = (batch_size, self.unet.config.in_channels, size, size)
+        image = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
+        image = image * self.scheduler.init_noise_sigma
+
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        # Schedulers that add fresh noise at each step take the generator; deterministic ones have no such argument.
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            model_input = torch.cat([image, image]) if do_guidance else image
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            model_output = self.unet(model_input, t, **conditioning).sample
+            if do_guidance:
+                conditional, unconditional = model_output.chunk(2)
+                model_output = unconditional + guidance_scale * (conditional - unconditional)
+            image = self.scheduler.step(model_output, t, image, **step_kwargs).prev_sample
+            if callback_on_step_end is not None:
+                image = (callback_on_step_end(self, i, t, {"image": image}) or {}).get("image", image)
+
+        image = (image / 2 + 0.5).clamp(0, 1)
+        if output_type != "pt":
+            image = image.cpu().permute(0, 2, 3, 1).float().numpy()
+            if output_type == "pil":
+                image = self.numpy_to_pil(image)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """Save as diffusers does, plus this file as the pipeline's and the label embedding's remote code."""
+        super().save_pretrained(save_directory, **kwargs)
+        source = Path(inspect.getsourcefile(type(self)))
+        shutil.copyfile(source, Path(save_directory) / f"{REMOTE_PIPELINE_MODULE}.py")
+        shutil.copyfile(source, Path(save_directory) / "label_embedding" / f"{REMOTE_LABEL_EMBEDDING_MODULE}.py")
+        index_file = Path(save_directory) / "model_index.json"
+        index = json.loads(index_file.read_text())
+        index["_class_name"] = [REMOTE_PIPELINE_MODULE, type(self).__name__]
+        index["label_embedding"] = [REMOTE_LABEL_EMBEDDING_MODULE, type(self.label_embedding).__name__]
+        index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        # Hub repositories are fetched whole first: diffusers' own download step would resolve the pipeline class
+        # from model_index.json, that is, from the repository's remote code.
+        if not os.path.isdir(pretrained_model_name_or_path):
+            hub_kwargs = {k: kwargs.pop(k) for k in _HUB_DOWNLOAD_KWARGS if k in kwargs}
+            pretrained_model_name_or_path = snapshot_download(pretrained_model_name_or_path, **hub_kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        # A saved model_index.json names the folder's copies of this file, for plain `DiffusionPipeline`. Loading
+        # through this class uses the installed code instead, so it needs no `trust_remote_code`.
+        outputs = super().load_config(*args, **kwargs)
+        config = outputs[0] if isinstance(outputs, tuple) else outputs
+        if isinstance(config.get("_class_name"), list):
+            config["_class_name"] = cls.__name__
+        if config.get("label_embedding", [None])[0] == REMOTE_LABEL_EMBEDDING_MODULE:
+            config["label_embedding"] = [LabelEmbedding.__module__, LabelEmbedding.__name__]
+        return outputs
+
+
+# The saved folder's copies of this file; the label embedding's copy needs a name of its own, or loading through the
+# installed class would find it in the component folder and run it as remote code.
+REMOTE_PIPELINE_MODULE = "pipeline_cond_ddpm"
+REMOTE_LABEL_EMBEDDING_MODULE = "label_embedding"
+_HUB_DOWNLOAD_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision")

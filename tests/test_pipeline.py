@@ -1,0 +1,209 @@
+"""CondDDPMPipeline and LabelEmbedding: label forms, guidance, schedulers, serialisation, bad input."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UNet2DModel
+from PIL import Image
+
+from pipeline_cond_ddpm import PRESETS, CondDDPMPipeline, LabelEmbedding, multi_hot
+
+
+def generate(pipeline, labels, seed=0, **kwargs):
+    kwargs = {"num_inference_steps": 3, "output_type": "pt", **kwargs}
+    return pipeline(labels, generator=torch.Generator().manual_seed(seed), **kwargs).images
+
+
+def count_unet_batches(pipeline):
+    """Record the batch size of every UNet call."""
+    sizes = []
+    pipeline.unet.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    return sizes
+
+
+# --- Label forms ---------------------------------------------------------------------------------------------------
+
+
+def test_names_indices_and_multi_hot_give_the_same_labels(class_names):
+    by_name = multi_hot([["red cube", "blue sphere"], ["gray cylinder"]], class_names)
+    by_index = multi_hot([[1, 10], [16]], class_names)
+    mixed = multi_hot([["red cube", 10], [16]], class_names)
+    from_numpy = multi_hot(by_name.numpy(), class_names)
+    assert by_name.shape == (2, 24)
+    assert by_name[0].nonzero().flatten().tolist() == [1, 10]
+    for other in (by_index, mixed, from_numpy):
+        assert torch.equal(other, by_name)
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [[["red cube", "blue sphere"]], [[1, 10]], torch.eye(24)[[1]] + torch.eye(24)[[10]], np.eye(24)[[1]] + np.eye(24)[[10]]],
+    ids=["names", "indices", "tensor", "numpy"],
+)
+def test_every_label_form_draws_the_same_image(tiny_pipeline, labels):
+    reference = generate(tiny_pipeline, [["red cube", "blue sphere"]])
+    assert torch.equal(generate(tiny_pipeline, labels), reference)
+
+
+def test_output_types_and_return_dict(tiny_pipeline):
+    labels = [["red cube"], ["cyan sphere", "gray cube"]]
+    pil = tiny_pipeline(labels, num_inference_steps=2, output_type="pil").images
+    array = tiny_pipeline(labels, num_inference_steps=2, output_type="np").images
+    tensor = tiny_pipeline(labels, num_inference_steps=2, output_type="pt").images
+    assert len(pil) == 2 and isinstance(pil[0], Image.Image) and pil[0].size == (16, 16)
+    assert array.shape == (2, 16, 16, 3) and array.min() >= 0 and array.max() <= 1
+    assert tensor.shape == (2, 3, 16, 16)
+    as_tuple = tiny_pipeline(labels, num_inference_steps=2, output_type="pt", return_dict=False)
+    assert isinstance(as_tuple, tuple) and as_tuple[0].shape == (2, 3, 16, 16)
+
+
+def test_labels_change_the_image(tiny_pipeline):
+    assert not torch.equal(generate(tiny_pipeline, [["red cube"]]), generate(tiny_pipeline, [["blue sphere"]]))
+
+
+# --- The null label and guidance -----------------------------------------------------------------------------------
+
+
+def test_null_label_has_a_learned_embedding_of_its_own(class_names):
+    torch.manual_seed(0)
+    embedding = LabelEmbedding(class_names, embedding_dim=32)
+    null = embedding(torch.zeros(1, 24))["class_labels"]
+    single = embedding(torch.eye(24))["class_labels"]
+    assert null.abs().sum() > 0  # not zero by accident of a bias-free layer
+    assert not torch.isclose(single, null.expand_as(single)).all(dim=1).any()
+    null.sum().backward()
+    assert embedding.null.grad is not None and embedding.null.grad.abs().sum() > 0
+
+
+def test_empty_label_set_draws_unconditionally(tiny_pipeline):
+    assert torch.equal(generate(tiny_pipeline, [[]]), generate(tiny_pipeline, torch.zeros(1, 24)))
+
+
+def test_guidance_runs_both_passes_in_one_batch(tiny_pipeline):
+    sizes = count_unet_batches(tiny_pipeline)
+    generate(tiny_pipeline, [["red cube"], ["blue sphere"]], guidance_scale=3.0, num_inference_steps=2)
+    assert sizes == [4, 4]
+
+
+@pytest.mark.parametrize("guidance_scale", [0.0, 1.0])
+def test_guidance_scale_up_to_one_skips_the_unconditional_pass(tiny_pipeline, guidance_scale):
+    sizes = count_unet_batches(tiny_pipeline)
+    generate(tiny_pipeline, [["red cube"], ["blue sphere"]], guidance_scale=guidance_scale, num_inference_steps=2)
+    assert sizes == [2, 2]
+
+
+def test_guidance_changes_the_image(tiny_pipeline):
+    unguided = generate(tiny_pipeline, [["red cube"]], guidance_scale=1.0)
+    assert not torch.equal(generate(tiny_pipeline, [["red cube"]], guidance_scale=4.0), unguided)
+
+
+# --- Schedulers, determinism, serialisation ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheduler_class", [DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler])
+def test_swapped_in_schedulers_work(tiny_pipeline, scheduler_class):
+    tiny_pipeline.scheduler = scheduler_class.from_config(tiny_pipeline.scheduler.config)
+    images = generate(tiny_pipeline, [["red cube"]], num_inference_steps=4)
+    assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def test_generator_makes_results_reproducible(tiny_pipeline):
+    first, again = generate(tiny_pipeline, [["red cube"]], seed=3), generate(tiny_pipeline, [["red cube"]], seed=3)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, generate(tiny_pipeline, [["red cube"]], seed=4))
+
+
+def test_save_and_load_round_trip_exactly(tiny_pipeline, tmp_path):
+    tiny_pipeline.scheduler = DPMSolverMultistepScheduler.from_config(tiny_pipeline.scheduler.config)
+    tiny_pipeline.save_pretrained(tmp_path)
+    loaded = CondDDPMPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded.label_embedding, LabelEmbedding)
+    assert isinstance(loaded.scheduler, DPMSolverMultistepScheduler)
+    assert loaded.class_names == tiny_pipeline.class_names
+    labels = [["red cube", "blue sphere"], []]
+    assert torch.equal(generate(loaded, labels, guidance_scale=2.0), generate(tiny_pipeline, labels, guidance_scale=2.0))
+    weights = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.suffix in {".safetensors", ".bin", ".pt", ".pkl"})
+    assert weights == ["label_embedding/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.safetensors"]
+
+
+# --- Presets -------------------------------------------------------------------------------------------------------
+
+
+def test_tiny_preset_is_small_enough_for_tests_and_cpus(tiny_pipeline):
+    parameters = sum(p.numel() for m in (tiny_pipeline.unet, tiny_pipeline.label_embedding) for p in m.parameters())
+    assert parameters <= 2_000_000
+
+
+def test_base_preset_attends_at_16_and_8_pixels(class_names):
+    unet = CondDDPMPipeline.from_preset("base", class_names, resolution=64).unet
+    assert isinstance(unet, UNet2DModel)
+    resolution, attended = 64, []
+    for block in unet.down_blocks:
+        if getattr(block, "attentions", None):
+            attended.append(resolution)
+        resolution //= 2 if block.downsamplers else 1
+    assert attended == [16, 8]
+
+
+def test_cross_attention_variant_attends_to_object_tokens(class_names):
+    PRESETS["tiny-cross"] = {**PRESETS["tiny"], "attention_levels": (1,), "cross_attention": True}
+    try:
+        torch.manual_seed(0)
+        pipeline = CondDDPMPipeline.from_preset("tiny-cross", class_names, resolution=16)
+    finally:
+        del PRESETS["tiny-cross"]
+    pipeline.set_progress_bar_config(disable=True)
+    conditioning = pipeline.label_embedding(multi_hot([["red cube", "blue sphere"]], class_names))
+    assert conditioning["encoder_hidden_states"].shape == (1, 25, 64)
+    assert conditioning["encoder_attention_mask"].sum() == 3  # two objects and the null token
+    assert not torch.equal(generate(pipeline, [["red cube"]]), generate(pipeline, [["blue sphere"]]))
+
+
+# --- Bad input -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        ([["red cub"]], "unknown object name 'red cub'; did you mean 'red cube'"),
+        ([[24]], "object index 24 is out of range; indices run from 0 to 23"),
+        ([[-1]], "object index -1 is out of range"),
+        (torch.zeros(2, 10), r"must have shape \(batch, 24\), got \(2, 10\)"),
+        (torch.full((1, 24), 2.0), "may only hold 0 and 1"),
+        ([], "non-empty batch"),
+        (["red cube", "blue sphere"], "each label set must be a list"),
+        ([["red cube", "red cube"]], "names 'red cube' twice"),
+        ([[1.5]], "an object must be a name or an index, got 1.5"),
+    ],
+    ids=["unknown-name", "index-too-big", "index-negative", "width", "not-0-1", "empty-batch", "flat-list", "duplicate", "float"],
+)
+def test_bad_labels_are_refused_clearly(tiny_pipeline, labels, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_pipeline(labels, num_inference_steps=1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"guidance_scale": -1.0}, "guidance_scale must be a number >= 0"),
+        ({"num_inference_steps": 0}, "num_inference_steps must be a positive integer, got 0"),
+        ({"output_type": "jpg"}, "output_type must be one of pil, np, pt, got 'jpg'"),
+    ],
+)
+def test_bad_call_arguments_are_refused_clearly(tiny_pipeline, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_pipeline([["red cube"]], **{"num_inference_steps": 1, **kwargs})
+
+
+@pytest.mark.parametrize(
+    "preset, resolution, message",
+    [
+        ("base", 60, "resolution 60 does not suit the 'base' UNet: it halves the image 3 times, so the resolution must be a positive multiple of 8"),
+        ("tiny", 0, "resolution 0"),
+        ("huge", 64, "unknown preset 'huge'; choose one of tiny, small, base"),
+    ],
+)
+def test_bad_presets_and_resolutions_are_refused_clearly(class_names, preset, resolution, message):
+    with pytest.raises(ValueError, match=message):
+        CondDDPMPipeline.from_preset(preset, class_names, resolution)

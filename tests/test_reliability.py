@@ -1,0 +1,341 @@
+"""Training survives faults, inputs are checked at the boundary, and nothing already written is lost."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from accelerate import PartialState
+
+import cli
+import evaluate_iclevr
+import iclevr_data
+import train_conditional_ddpm
+from atomic_io import staged_contents, staged_directory
+from conftest import ROOT, assert_same_weights, run_python, training_args
+from train_conditional_ddpm import check_finite, find_checkpoints, parse_args, save_checkpoint
+
+
+# --- Pre-emption and exact resume ------------------------------------------------------------------------------------
+
+
+def start_training(args):
+    return subprocess.Popen(
+        [sys.executable, "train_conditional_ddpm.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def wait_for(process, pattern, timeout=300):
+    """Read the process's output until a line matches; return everything read."""
+    seen, deadline = [], time.time() + timeout
+    for line in process.stdout:
+        seen.append(line)
+        if re.search(pattern, line) or time.time() > deadline:
+            break
+    return "".join(seen)
+
+
+def test_sigterm_saves_a_checkpoint_and_resuming_matches_an_uninterrupted_run(tmp_path, synthetic_dir):
+    steps = ["--max_train_steps", 40, "--checkpointing_steps", 10]
+    straight = run_python("train_conditional_ddpm.py", *training_args(tmp_path / "straight", synthetic_dir, *steps))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    interrupted = tmp_path / "interrupted"
+    process = start_training(training_args(interrupted, synthetic_dir, *steps))
+    wait_for(process, r"saved checkpoint .*checkpoint-10")
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-3000:]
+    stopped_at = int(re.search(r"stop requested: checkpoint-(\d+) saved", output).group(1))
+    assert 10 < stopped_at < 40
+    assert not (interrupted / "model_index.json").exists()
+
+    resumed = run_python("train_conditional_ddpm.py", *training_args(interrupted, synthetic_dir, *steps), "--resume_from_checkpoint", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {stopped_at}" in resumed.stderr
+    assert_same_weights(interrupted / "checkpoint-40", tmp_path / "straight" / "checkpoint-40")
+    assert_same_weights(interrupted, tmp_path / "straight")
+
+
+def test_sigterm_stops_a_two_process_run_cleanly(tmp_path, synthetic_dir):
+    args = training_args(tmp_path / "ddp", synthetic_dir, "--max_train_steps", 400, "--checkpointing_steps", 1000)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "train_conditional_ddpm.py", *args]
+    process = subprocess.Popen(launch, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONUNBUFFERED": "1"})
+    wait_for(process, r"steps:\s+\d+%.*\| [1-9]\d*/400")
+    # Both training processes get the signal (the launcher itself would report its own SIGTERM as a failure).
+    workers = [p for p in psutil.Process(process.pid).children(recursive=True) if "train_conditional_ddpm.py" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    for worker in workers:
+        worker.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-3000:]
+    step = int(re.search(r"stop requested: checkpoint-(\d+) saved", output).group(1))
+    assert (tmp_path / "ddp" / f"checkpoint-{step}" / "training_state.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "ddp" / f"checkpoint-{step}").glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
+
+
+# --- Atomic writes ---------------------------------------------------------------------------------------------------
+
+
+class FullDisk(OSError):
+    def __init__(self):
+        super().__init__(28, "No space left on device")
+
+
+class TinyAccelerator:
+    """Stands in for Accelerate's saving: writes part of a checkpoint, or all of it."""
+
+    is_main_process = True
+
+    def __init__(self, fail):
+        self.fail = fail
+        PartialState()  # Accelerate's logger, which the saving code uses, needs a process state
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "model.safetensors").write_bytes(b"half")
+        if self.fail:
+            raise FullDisk()
+
+
+def test_a_failed_checkpoint_save_leaves_the_previous_one_whole(tmp_path):
+    state = {"preset": "tiny"}
+    save_checkpoint(TinyAccelerator(fail=False), tmp_path, 5, state, total_limit=None)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "checkpoint-5").iterdir()}
+    with pytest.raises(FullDisk):
+        save_checkpoint(TinyAccelerator(fail=True), tmp_path, 10, state, total_limit=1)
+    assert not (tmp_path / "checkpoint-10").exists()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "checkpoint-5").iterdir()} == before
+    assert [p.name for p in find_checkpoints(tmp_path)] == ["checkpoint-5"]
+
+
+def test_latest_skips_incomplete_checkpoints_with_a_warning(tmp_path, caplog):
+    save_checkpoint(TinyAccelerator(fail=False), tmp_path, 5, {}, total_limit=None)
+    (tmp_path / ".incomplete-checkpoint-9").mkdir()  # a save killed midway
+    (tmp_path / "checkpoint-12").mkdir()  # copied by hand, without its training_state.json
+    with caplog.at_level("WARNING"):
+        assert [p.name for p in find_checkpoints(tmp_path)] == ["checkpoint-5"]
+    assert "incomplete-checkpoint-9: an interrupted save left it incomplete" in caplog.text
+    assert "checkpoint-12: it has no training_state.json" in caplog.text
+
+
+def test_a_failed_pipeline_save_keeps_the_old_pipeline(tmp_path):
+    (tmp_path / "model_index.json").write_text("old index")
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "weights").write_text("old weights")
+    (tmp_path / "checkpoint-3").mkdir()
+    with pytest.raises(FullDisk):
+        with staged_contents(tmp_path, marker="model_index.json") as staging:
+            (staging / "unet").mkdir()
+            (staging / "unet" / "weights").write_text("new weights")
+            raise FullDisk()
+    assert (tmp_path / "model_index.json").read_text() == "old index"
+    assert (tmp_path / "unet" / "weights").read_text() == "old weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3", "model_index.json", "unet"]
+    with staged_contents(tmp_path, marker="model_index.json") as staging:
+        (staging / "unet").mkdir()
+        (staging / "unet" / "weights").write_text("new weights")
+        (staging / "model_index.json").write_text("new index")
+    assert (tmp_path / "unet" / "weights").read_text() == "new weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3", "model_index.json", "unet"]
+
+
+def test_a_failed_directory_write_keeps_the_old_directory(tmp_path):
+    final = tmp_path / "best"
+    final.mkdir()
+    (final / "a").write_text("old")
+    with pytest.raises(FullDisk):
+        with staged_directory(final, overwrite=True) as staging:
+            (staging / "a").write_text("new")
+            raise FullDisk()
+    assert (final / "a").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["best"]
+
+
+# --- Guards ----------------------------------------------------------------------------------------------------------
+
+
+def test_a_diverging_loss_stops_the_run_with_a_clear_message(tmp_path, synthetic_dir):
+    result = run_python(
+        "train_conditional_ddpm.py",
+        *training_args(tmp_path / "nan", synthetic_dir, "--max_train_steps", 20, "--checkpointing_steps", 1),
+        "--learning_rate", "1e30", "--max_grad_norm", "0", "--lr_warmup_steps", "0", "--lr_scheduler", "constant",
+    )
+    assert result.returncode == 1
+    assert re.search(r"error: the training loss became (nan|inf) by step \d+; the last good checkpoint is", result.stderr)
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "nan" / "model_index.json").exists()
+
+
+def test_the_last_good_checkpoint_is_one_a_finite_loss_has_vouched_for(tmp_path):
+    for step in (2, 4, 6):
+        save_checkpoint(TinyAccelerator(fail=False), tmp_path, step, {}, total_limit=None)
+    # The loss was last seen finite at step 6; the weights of checkpoint-6 were never used by a finite loss.
+    with pytest.raises(FloatingPointError, match=r"the last good checkpoint is .*checkpoint-4\."):
+        check_finite(float("nan"), step=8, output_dir=tmp_path, verified_step=6)
+    with pytest.raises(FloatingPointError, match="none was saved yet"):
+        check_finite(float("inf"), step=2, output_dir=tmp_path, verified_step=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, synthetic_dir):
+    output_dir = tmp_path_factory.mktemp("runs") / "guard"
+    result = run_python("train_conditional_ddpm.py", *training_args(output_dir, synthetic_dir, "--max_train_steps", 2, "--checkpointing_steps", 2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (["--resolution", "32"], "trained with resolution = 16, and this run asks for 32"),
+        (["--preset", "small"], "trained with preset = 'tiny', and this run asks for 'small'"),
+        (["--prediction_type", "epsilon"], "trained with prediction_type = 'v_prediction', and this run asks for 'epsilon'"),
+        (["--objects_json", "SHORT_VOCABULARY"], "trained with class_names = 24 objects, and this run asks for 23 objects"),
+    ],
+    ids=["resolution", "preset", "prediction-type", "vocabulary"],
+)
+def test_resuming_with_other_model_settings_is_refused(tiny_checkpoint, synthetic_dir, tmp_path, change, message):
+    if "SHORT_VOCABULARY" in change:
+        objects = json.loads(iclevr_data.OBJECTS_JSON.read_text())
+        objects.pop("yellow cylinder")
+        (tmp_path / "objects.json").write_text(json.dumps(objects))
+        (tmp_path / "train.json").write_text(json.dumps({k: v for k, v in json.loads((synthetic_dir / "train.json").read_text()).items() if "yellow cylinder" not in v}))
+        change = ["--objects_json", str(tmp_path / "objects.json"), "--train_json", str(tmp_path / "train.json")]
+    args = training_args(tiny_checkpoint, synthetic_dir, "--max_train_steps", 4, "--resume_from_checkpoint", "latest", *change)
+    with pytest.raises(SystemExit, match=f"cannot resume from .*checkpoint-2: it was {message}"):
+        train_main(args)
+
+
+# --- Security --------------------------------------------------------------------------------------------------------
+
+
+def test_every_torch_load_is_weights_only():
+    calls = []
+    for path in ROOT.glob("*.py"):
+        calls += [(path.name, line) for line in path.read_text().splitlines() if "torch.load(" in line]
+    assert calls, "the evaluator loads its checkpoint with torch.load"
+    assert all("weights_only=True" in line for _, line in calls), calls
+
+
+def test_plain_diffusers_runs_the_pipeline_code_only_when_trusted(tiny_pipeline_dir):
+    from diffusers import DiffusionPipeline
+
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        DiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+
+
+# --- Bad-input sweep: every CLI mistake ends in one clear line and a non-zero exit -----------------------------------
+
+
+def cli_error(main, argv, capsys):
+    """Run a CLI's main in-process; return (exit code, message) of the SystemExit it must end in."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    code = exit_info.value.code
+    return (1 if isinstance(code, str) else code), (code if isinstance(code, str) else capsys.readouterr().err)
+
+
+def bad_folder(tmp_path, kind):
+    from PIL import Image
+
+    (tmp_path / "images").mkdir(exist_ok=True)
+    Image.new("RGBA", (320, 240)).save(tmp_path / "images" / "a.png")
+    entries = {"a.png": ["red cube"]}
+    if kind == "missing-image":
+        entries["b.png"] = ["blue cube"]
+    if kind == "unknown-name":
+        entries["a.png"] = ["red cone"]
+    if kind == "unreadable":
+        (tmp_path / "images" / "a.png").write_bytes(b"\x89PNG broken")
+    text = "{}" if kind == "empty" else "{not json" if kind == "malformed" else json.dumps(entries)
+    (tmp_path / "train.json").write_text(text)
+    return ["--train_data_dir", str(tmp_path / "images"), "--train_json", str(tmp_path / "train.json")]
+
+
+def train_main(argv):
+    cli.run(train_conditional_ddpm.main, parse_args(argv))
+
+
+TRAIN_BASE = ["--preset", "tiny", "--resolution", "16", "--logger", "none", "--max_train_steps", "1"]
+SWEEP = [
+    # (command, arguments (TMP = a fresh folder, DATA:kind = a broken data folder), expected message)
+    ("train", ["--preset", "base", "--resolution", "60"], "--resolution 60 must be a multiple of 8"),
+    ("train", ["--resolution", "-32"], "argument --resolution: must be a positive integer, got '-32'"),
+    ("train", ["--learning_rate", "0"], "argument --learning_rate: must be a positive number, got '0'"),
+    ("train", ["--train_batch_size", "two"], "argument --train_batch_size: must be a positive integer, got 'two'"),
+    ("train", ["--condition_dropout", "1.5"], r"argument --condition_dropout: must be a probability in \[0, 1\), got '1.5'"),
+    ("train", ["--guidance_scale", "-1"], "argument --guidance_scale: must be a number >= 0, got '-1'"),
+    ("train", ["--preset", "giant"], "argument --preset: invalid choice: 'giant'"),
+    ("train", ["--train_data_dir", "somewhere"], "--train_data_dir and --train_json go together"),
+    ("train", ["--output_dir", "NONEMPTY"], "is not empty; pass --resume_from_checkpoint latest"),
+    ("train", ["--resume_from_checkpoint", "no/such/checkpoint"], "is neither a folder nor 'latest'"),
+    ("train", ["--evaluator_checkpoint", "no/such.pth"], "--evaluator_checkpoint no/such.pth does not exist"),
+    ("train", ["DATA:missing-image"], "lists 'b.png', but .*b.png does not exist"),
+    ("train", ["DATA:unknown-name"], "unknown object name 'red cone'; did you mean 'red cube'"),
+    ("train", ["DATA:unreadable"], "cannot read image .*a.png"),
+    ("train", ["DATA:empty"], "lists no images: the dataset would be empty"),
+    ("train", ["DATA:malformed"], "train.json is not valid JSON"),
+    ("data", ["synthesize", "--output_dir", "TMP", "--num_scenes", "0"], "argument --num_scenes: must be a positive integer, got '0'"),
+    ("data", ["synthesize", "--output_dir", "NONEMPTY", "--num_scenes", "1"], "already exists and is not empty"),
+    ("data", ["push", "--dataset_dir", "no/such/folder", "--repo_id", "me/x"], r"no/such/folder/\w+\.json does not exist"),
+    ("evaluate", ["score", "--pipeline", "PIPELINE", "--evaluator_checkpoint", "BAD_CHECKPOINT", "--output_dir", "TMP"], r"must hold \{'model': state_dict\}"),
+    ("evaluate", ["score", "--pipeline", "TMP", "--evaluator_checkpoint", "CHECKPOINT", "--output_dir", "TMP/out"], "is not a saved pipeline"),
+    ("evaluate", ["score", "--pipeline", "PIPELINE", "--evaluator_checkpoint", "CHECKPOINT", "--output_dir", "TMP/out", "--test_json", "UNKNOWN_LABELS"], "entry 0: unknown object name 'red cone'"),
+    ("evaluate", ["score", "--pipeline", "PIPELINE", "--evaluator_checkpoint", "CHECKPOINT", "--output_dir", "TMP/out", "--objects_json", "SWAPPED_VOCABULARY"], r"they differ \(0: 'gray cube' vs 'red cube'; 1: 'red cube' vs 'gray cube'\)"),
+    ("evaluate", ["score", "--pipeline", "PIPELINE", "--evaluator_checkpoint", "CHECKPOINT", "--output_dir", "TMP", "--scheduler", "euler"], "argument --scheduler: invalid choice: 'euler'"),
+    ("evaluate", ["denoise", "--pipeline", "PIPELINE", "--labels", "red cubes", "--output", "TMP/d.png"], "unknown object name 'red cubes'; did you mean 'red cube'"),
+    ("evaluate", ["rescore", "--output_dir", "TMP", "--evaluator_checkpoint", "CHECKPOINT"], r"32 image\(s\) missing in .*test"),
+    ("evaluate", ["train", "--train_data_dir", "TMP", "--train_json", "TMP/none.json", "--output", "TMP/e.pth"], "none.json does not exist"),
+]
+
+
+@pytest.mark.parametrize("command, argv, message", SWEEP, ids=[f"{c}-{i}" for i, (c, _, _) in enumerate(SWEEP)])
+def test_bad_input_sweep(tmp_path, capsys, tiny_pipeline_dir, evaluator_checkpoint, class_names, command, argv, message):
+    (tmp_path / "nonempty").mkdir()
+    (tmp_path / "nonempty" / "keep.txt").write_text("mine")
+    objects = json.loads(iclevr_data.OBJECTS_JSON.read_text())
+    objects["gray cube"], objects["red cube"] = 1, 0
+    (tmp_path / "swapped.json").write_text(json.dumps(objects))
+    (tmp_path / "unknown.json").write_text(json.dumps([["red cone"]]))
+    torch.save({"weights": {}}, tmp_path / "bad.pth")
+    places = {"TMP": str(tmp_path), "NONEMPTY": str(tmp_path / "nonempty"), "PIPELINE": str(tiny_pipeline_dir),
+              "CHECKPOINT": str(evaluator_checkpoint), "BAD_CHECKPOINT": str(tmp_path / "bad.pth"),
+              "SWAPPED_VOCABULARY": str(tmp_path / "swapped.json"), "UNKNOWN_LABELS": str(tmp_path / "unknown.json")}
+    resolved = []
+    for arg in argv:
+        if arg.startswith("DATA:"):
+            resolved += bad_folder(tmp_path, arg[5:])
+        else:
+            resolved.append(re.sub(r"^(TMP|NONEMPTY|PIPELINE|CHECKPOINT|BAD_CHECKPOINT|SWAPPED_VOCABULARY|UNKNOWN_LABELS)", lambda m: places[m.group(1)], arg))
+    if command == "train":
+        main = train_main
+        resolved = TRAIN_BASE + ["--output_dir", str(tmp_path / "run")] + resolved
+    else:
+        main = {"data": iclevr_data.main, "evaluate": evaluate_iclevr.main}[command]
+    code, text = cli_error(main, resolved, capsys)
+    assert code != 0
+    assert re.search(message, text), text
+    assert (tmp_path / "nonempty" / "keep.txt").read_text() == "mine"
+
+
+def test_the_real_entry_points_print_one_line_not_a_traceback(tmp_path, evaluator_checkpoint):
+    for script, args in (
+        ("train_conditional_ddpm.py", ["--preset", "base", "--resolution", "30"]),
+        ("evaluate_iclevr.py", ["rescore", "--output_dir", str(tmp_path), "--evaluator_checkpoint", str(evaluator_checkpoint)]),
+        ("iclevr_data.py", ["push", "--dataset_dir", str(tmp_path), "--repo_id", "me/x"]),
+    ):
+        result = run_python(script, *args)
+        assert result.returncode != 0 and "error: " in result.stderr and "Traceback" not in result.stderr, result.stderr

@@ -1,0 +1,86 @@
+"""train_conditional_ddpm.py end to end, in real processes: one process, two-process DDP (gloo), checkpoints, resume."""
+
+import shutil
+
+import pytest
+import torch
+
+from conftest import assert_same_weights, load_weights, run_python, training_args
+from pipeline_cond_ddpm import CondDDPMPipeline
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory, synthetic_dir):
+    """Eight steps in one go, a checkpoint every two steps, at most two kept."""
+    output_dir = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    args = training_args(output_dir, synthetic_dir, "--max_train_steps", 8, "--checkpointing_steps", 2, "--checkpoints_total_limit", 2)
+    result = run_python("train_conditional_ddpm.py", *args, "--logger", "tensorboard")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir, args, result
+
+
+def test_a_run_saves_a_pipeline_that_loads_and_samples(uninterrupted_run):
+    output_dir, _, result = uninterrupted_run
+    assert f"Pipeline saved to {output_dir}" in result.stdout
+    pipeline = CondDDPMPipeline.from_pretrained(output_dir)
+    images = pipeline([["red cube", "blue sphere"]], num_inference_steps=2, output_type="pt").images
+    assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
+    assert (output_dir / "samples" / "latest.png").is_file()
+    assert list((output_dir / "logs").rglob("events.out.tfevents.*")), "tensorboard logs"
+
+
+def test_checkpoints_total_limit_prunes_the_oldest(uninterrupted_run):
+    output_dir, _, _ = uninterrupted_run
+    assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]
+
+
+def test_the_saved_pipeline_holds_the_ema_weights(uninterrupted_run):
+    output_dir, _, _ = uninterrupted_run
+    final, raw = load_weights(output_dir), load_weights(output_dir / "checkpoint-8")
+    ema = {f"unet.{k}": v for k, v in load_weights_of(output_dir / "checkpoint-8" / "ema" / "unet").items()}
+    for name, tensor in ema.items():
+        assert torch.equal(final[name], tensor)
+    assert any(not torch.equal(final[name], raw[name]) for name in ema)
+
+
+def load_weights_of(folder):
+    from safetensors.torch import load_file
+
+    return load_file(folder / "diffusion_pytorch_model.safetensors")
+
+
+def test_resume_latest_continues_from_the_saved_step_to_the_same_weights(uninterrupted_run, tmp_path):
+    output_dir, args, _ = uninterrupted_run
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(output_dir / "checkpoint-6", resumed_dir / "checkpoint-6")
+    resumed_args = [str(resumed_dir) if a == str(output_dir) else a for a in args]
+    result = run_python("train_conditional_ddpm.py", *resumed_args, "--resume_from_checkpoint", "latest")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {resumed_dir / 'checkpoint-6'} at step 6" in result.stderr
+    assert_same_weights(resumed_dir / "checkpoint-8", output_dir / "checkpoint-8")  # raw weights
+    assert_same_weights(resumed_dir, output_dir)  # the saved EMA weights
+
+
+def test_two_process_gloo_run_ends_with_identical_weights(tmp_path, synthetic_dir):
+    args = training_args(tmp_path / "ddp", synthetic_dir, "--max_train_steps", 3, "--mixed_precision", "bf16")
+    result = run_python(
+        "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--mixed_precision", "bf16",
+        "--num_machines", "1", "--dynamo_backend", "no", "train_conditional_ddpm.py", *args,
+        env={"ACCELERATE_USE_CPU": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the weights are identical on all 2 processes" in result.stderr
+    assert "8 images, 3 steps of 4 x 2 processes" in result.stderr or "images, 3 steps of 4 x 2 processes" in result.stderr
+    CondDDPMPipeline.from_pretrained(tmp_path / "ddp")
+
+
+def test_a_launch_whose_processes_run_alone_is_refused(tmp_path, synthetic_dir):
+    result = run_python(
+        "train_conditional_ddpm.py", *training_args(tmp_path / "alone", synthetic_dir, "--max_train_steps", 2),
+        env={"OMPI_COMM_WORLD_SIZE": "2"},  # what mpirun -n 2 sets for two copies that never meet
+    )
+    assert result.returncode != 0
+    assert "2 processes were launched but each runs alone" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "alone" / "model_index.json").exists()

@@ -1,0 +1,624 @@
+"""Train a label-conditioned DDPM (`CondDDPMPipeline`) on i-CLEVR with Accelerate, on any number of processes.
+
+    accelerate launch train_conditional_ddpm.py --output_dir runs/tiny                  # built-in synthetic data
+    accelerate launch --config_file accelerate_config.yaml train_conditional_ddpm.py \\
+        --train_data_dir iclevr/images --train_json train.json --objects_json objects.json \\
+        --preset base --resolution 64 --output_dir runs/base
+
+The run ends with the pipeline (EMA weights with `--use_ema`) saved by `save_pretrained` in `--output_dir`, beside
+`checkpoint-N/` folders that `--resume_from_checkpoint latest` continues from, sample grids in `samples/` and
+tracker logs in `logs/`.
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, compute_snr
+from torch import nn
+from torchvision.utils import save_image
+from tqdm.auto import tqdm
+
+import cli
+import hub
+from atomic_io import INCOMPLETE_PREFIX, atomic_write_text, staged_contents, staged_directory
+from evaluate_iclevr import EVALUATOR_RESOLUTION, SCHEDULERS, evaluate, generate, load_evaluator
+from iclevr_data import (
+    NEW_TEST_JSON,
+    OBJECTS_JSON,
+    TEST_JSON,
+    dataset_class_names,
+    default_synthetic_dataset,
+    load_hub_dataset,
+    load_iclevr_dataset,
+    read_label_sets,
+)
+from pipeline_cond_ddpm import PRESETS, CondDDPMPipeline, multi_hot
+
+logger = get_logger(__name__)
+# Settings a checkpoint must share with the run that resumes it: anything else changes the model or its meaning.
+RESUME_MUST_MATCH = ("preset", "resolution", "class_names", "prediction_type", "ddpm_num_steps", "ddpm_beta_schedule")
+
+
+class Denoiser(nn.Module):
+    """The trained modules as one: Accelerate (DDP, autocast) needs a single forward that uses every parameter."""
+
+    def __init__(self, unet, label_embedding):
+        super().__init__()
+        self.unet, self.label_embedding = unet, label_embedding
+
+    def forward(self, noisy_images, timesteps, labels):
+        return self.unet(noisy_images, timesteps, **self.label_embedding(labels)).sample
+
+
+# --- Helpers -------------------------------------------------------------------------------------------------------
+
+
+def load_training_data(args):
+    if args.dataset_name:
+        return load_hub_dataset(args.dataset_name, args.resolution, args.image_column, args.label_column, args.objects_json)
+    if args.train_data_dir:
+        return load_iclevr_dataset(args.train_data_dir, args.train_json, args.objects_json, args.resolution)
+    folder = default_synthetic_dataset(args.synthetic_scenes, args.seed)
+    return load_iclevr_dataset(folder / "images", folder / "train.json", folder / "objects.json", args.resolution)
+
+
+def held_out_label_sets(dataset, count: int, seed: int) -> list[list[str]]:
+    """Label sets drawn from the training labels, never one of test.json / new_test.json: best-checkpoint
+    selection must not see the label sets the model is finally scored on."""
+    class_names = dataset_class_names(dataset)
+    reserved = {frozenset(s) for path in (TEST_JSON, NEW_TEST_JSON) for s in json.loads(path.read_text())}
+    candidates = sorted({tuple(sorted(objects)) for objects in dataset.with_format(None)["objects"]})
+    candidates = [c for c in candidates if frozenset(class_names[i] for i in c) not in reserved]
+    chosen = np.random.default_rng(seed).permutation(len(candidates))[:count]
+    return [[class_names[i] for i in candidates[j]] for j in sorted(chosen)]
+
+
+def checkpoint_step(folder: Path) -> int:
+    return int(folder.name.split("-")[1])
+
+
+def find_checkpoints(output_dir: Path) -> list[Path]:
+    """Finished checkpoints, oldest first. Folders an interrupted save left behind are skipped with a warning."""
+    for leftover in sorted(output_dir.glob(f"{INCOMPLETE_PREFIX}checkpoint-*")):
+        logger.warning(f"skipping {leftover}: an interrupted save left it incomplete", main_process_only=True)
+    found = []
+    for folder in output_dir.glob("checkpoint-*"):
+        if not folder.name.split("-")[1].isdigit():
+            continue
+        if not (folder / "training_state.json").is_file():
+            logger.warning(f"skipping {folder}: it has no training_state.json, so it is incomplete", main_process_only=True)
+            continue
+        found.append(folder)
+    return sorted(found, key=checkpoint_step)
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, training_state: dict, total_limit):
+    """Save the full training state as `checkpoint-{step}`, whole or not at all, then prune the oldest."""
+    final = output_dir / f"checkpoint-{step}"
+    staging = output_dir / f"{INCOMPLETE_PREFIX}{final.name}"  # one name for all processes, which all write into it
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(staging)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        # Written last: its presence is what marks a checkpoint finished (see `find_checkpoints`).
+        atomic_write_text(staging / "training_state.json", json.dumps({**training_state, "global_step": step}, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        staging.replace(final)
+        if total_limit is not None:
+            for old in find_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old)
+        logger.info(f"saved checkpoint {final}")
+    accelerator.wait_for_everyone()
+
+
+def check_finite(loss: float, step: int, output_dir: Path, verified_step: int):
+    """Stop on a non-finite loss, pointing at the newest checkpoint whose weights a finite loss has used: the
+    weights saved at step c are first used by the loss of step c + 1, so only c < `verified_step` are vouched for."""
+    if not math.isfinite(loss):
+        last = [c for c in find_checkpoints(output_dir) if checkpoint_step(c) < verified_step]
+        raise FloatingPointError(
+            f"the training loss became {loss} by step {step}; the last good checkpoint is"
+            f" {last[-1] if last else 'none (none was saved yet)'}. Resume from it with a lower --learning_rate,"
+            " or with --mixed_precision no"
+        )
+
+
+def check_resumable(checkpoint: Path, training_state: dict):
+    saved = json.loads((checkpoint / "training_state.json").read_text())
+    for key in RESUME_MUST_MATCH:
+        if saved.get(key) != training_state[key]:
+            shown = lambda v: f"{len(v)} objects" if key == "class_names" else repr(v)  # noqa: E731
+            raise ValueError(
+                f"cannot resume from {checkpoint}: it was trained with {key} = {shown(saved.get(key))}, and this run"
+                f" asks for {shown(training_state[key])}; use the same setting or start a new --output_dir"
+            )
+    return saved["global_step"]
+
+
+def build_pipeline(accelerator, denoiser, noise_scheduler) -> CondDDPMPipeline:
+    model = accelerator.unwrap_model(denoiser)
+    return CondDDPMPipeline(unet=model.unet, label_embedding=model.label_embedding, scheduler=noise_scheduler)
+
+
+class StopRequest:
+    """Turns SIGTERM / SIGINT (a pre-empted job, Ctrl-C) into a flag the loop checks at each step boundary."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received = None
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
+
+    def handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def now(self, accelerator, sync_point: bool) -> bool:
+        """Whether to stop at this step. All processes must stop at the same step, so with several they agree
+        through a collective, at the sync points (logging steps) only; one process decides alone, at every step."""
+        if accelerator.num_processes == 1:
+            return self.received is not None
+        if self.received is not None:
+            accelerator.set_trigger()
+        return sync_point and accelerator.check_trigger()
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def check_replicas_agree(accelerator, model):
+    """DDP keeps every process's weights identical; check it once at the end, since diverged replicas fail silently."""
+    fingerprint = torch.stack([p.detach().double().sum() for p in model.parameters()])
+    gathered = accelerator.gather(fingerprint[None])
+    if not torch.equal(gathered, gathered[:1].expand_as(gathered)):
+        raise ValueError("the processes finished with different weights: the distributed launch is broken")
+    logger.info(f"the weights are identical on all {accelerator.num_processes} processes", main_process_only=True)
+
+
+# --- Training ------------------------------------------------------------------------------------------------------
+
+
+def main(args):
+    # Processes, seed, logging.
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.logger == "none" else args.logger,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        # The same shuffle on every process (each takes its own shard of it), reproducible per epoch on resume.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        dynamo_backend="inductor" if args.compile else "no",
+    )
+    check_launch(accelerator)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    set_seed(args.seed, device_specific=True)  # one seed per process, so noise differs across processes
+    if accelerator.is_main_process:
+        if args.push_to_hub:  # fail now, not after hours of training
+            hub.check_access(args.hub_model_id or output_dir.name, args.hub_token)
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    # Data. The main process renders or checks it first; the others then read the finished result.
+    with accelerator.main_process_first():
+        dataset = load_training_data(args)
+    class_names = dataset_class_names(dataset)
+    validation_labels = held_out_label_sets(dataset, args.num_validation_images, args.seed)
+    train_dataloader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.dataloader_num_workers,
+        persistent_workers=args.dataloader_num_workers > 0,
+        # Its own generator: creating a loader must not draw from the global RNG that noise and flips use,
+        # or a resumed run would draw different noise than an uninterrupted one.
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+
+    # Model, EMA copy, noise schedule.
+    pipeline = CondDDPMPipeline.from_preset(
+        args.preset, class_names, args.resolution, args.ddpm_num_steps, args.ddpm_beta_schedule, args.prediction_type
+    )
+    noise_scheduler = pipeline.scheduler
+    denoiser = Denoiser(pipeline.unet, pipeline.label_embedding).to(memory_format=torch.channels_last)
+    emas = {}
+    if args.use_ema:
+        emas = {
+            name: EMAModel(
+                module.parameters(),
+                decay=args.ema_max_decay,
+                use_ema_warmup=True,
+                inv_gamma=args.ema_inv_gamma,
+                power=args.ema_power,
+                model_cls=type(module),
+                model_config=module.config,
+            )
+            for name, module in (("unet", denoiser.unet), ("label_embedding", denoiser.label_embedding))
+        }
+    training_state = {
+        "preset": args.preset,
+        "resolution": args.resolution,
+        "class_names": class_names,
+        "prediction_type": args.prediction_type,
+        "ddpm_num_steps": args.ddpm_num_steps,
+        "ddpm_beta_schedule": args.ddpm_beta_schedule,
+    }
+
+    # Checkpoints hold the pipeline in save_pretrained form (plus the EMA weights), not a bare state dict.
+    def save_model_hook(models, weights, folder):
+        # Under fork_rng: EMAModel.save_pretrained builds a freshly initialised model, and a checkpoint must not move
+        # the training RNG, or a run would depend on when it was checkpointed and resuming could not be exact.
+        cuda_devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda_devices):
+            if accelerator.is_main_process:
+                build_pipeline(accelerator, models[0], noise_scheduler).save_pretrained(folder)
+                for name, ema in emas.items():
+                    ema.save_pretrained(os.path.join(folder, "ema", name))
+        weights.pop()
+
+    def load_model_hook(models, folder):
+        model = accelerator.unwrap_model(models.pop())
+        saved = CondDDPMPipeline.from_pretrained(folder)
+        model.unet.load_state_dict(saved.unet.state_dict())
+        model.label_embedding.load_state_dict(saved.label_embedding.state_dict())
+        for name, ema in emas.items():
+            loaded = EMAModel.from_pretrained(os.path.join(folder, "ema", name), model_cls=type(getattr(model, name)))
+            ema.load_state_dict(loaded.state_dict())
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    # Optimizer and learning-rate schedule.
+    optimizer = torch.optim.AdamW(
+        denoiser.parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+        fused=accelerator.device.type == "cuda",
+    )
+    steps_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+    )
+    denoiser, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        denoiser, optimizer, train_dataloader, lr_scheduler
+    )
+    for ema in emas.values():
+        ema.to(accelerator.device)
+    evaluator = None
+    if args.evaluator_checkpoint and accelerator.is_main_process:
+        evaluator = load_evaluator(args.evaluator_checkpoint, len(class_names), accelerator.device)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("cond_ddpm", config={k: v for k, v in vars(args).items() if k != "hub_token" and isinstance(v, (int, float, str, bool))})
+
+    # Resume: weights, EMA, optimizer, LR schedule, RNG states, then the data order up to the saved step.
+    global_step = 0
+    if args.resume_from_checkpoint:
+        checkpoints = find_checkpoints(output_dir) if args.resume_from_checkpoint == "latest" else [Path(args.resume_from_checkpoint)]
+        if not checkpoints:
+            logger.warning(f"no finished checkpoint in {output_dir}; starting a new run", main_process_only=True)
+        else:
+            checkpoint = checkpoints[-1]
+            if not (checkpoint / "training_state.json").is_file():
+                raise ValueError(f"{checkpoint} is not a finished checkpoint (it has no training_state.json)")
+            global_step = check_resumable(checkpoint, training_state)
+            accelerator.load_state(str(checkpoint))
+            logger.info(f"resumed from {checkpoint} at step {global_step}", main_process_only=True)
+    first_epoch = global_step // steps_per_epoch
+    resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+
+    # The loop.
+    logger.info(
+        f"{len(dataset)} images, {max_train_steps} steps of {args.train_batch_size} x {accelerator.num_processes}"
+        f" processes x {args.gradient_accumulation_steps} accumulation",
+        main_process_only=True,
+    )
+    stop = StopRequest()
+    progress = tqdm(range(max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process, desc="steps")
+    running_loss = torch.zeros((), device=accelerator.device)
+    running_count = 0
+    interval_start = time.perf_counter()
+    verified_step = global_step  # the last step whose loss was checked to be finite
+    best_accuracy = -1.0
+    for epoch in range(first_epoch, num_epochs):
+        denoiser.train()
+        train_dataloader.set_epoch(epoch)
+        batches = train_dataloader
+        if epoch == first_epoch and resume_batches:
+            batches = accelerator.skip_first_batches(train_dataloader, resume_batches)
+            batches.set_epoch(epoch)  # a fresh loader starts at epoch 0, which would reshuffle differently
+        for batch in batches:
+            images = batch["pixel_values"].to(memory_format=torch.channels_last)
+            labels = batch["labels"]
+            if args.random_flip:  # here, not in the data workers, so the global RNG (saved in checkpoints) decides
+                flip = torch.rand(len(images), 1, 1, 1, device=images.device) < 0.5
+                images = torch.where(flip, images.flip(-1), images)
+            noise = torch.randn_like(images)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(images),), device=images.device)
+            noisy_images = noise_scheduler.add_noise(images, noise, timesteps)
+            # Classifier-free guidance: sometimes train on the null (all-zero) label.
+            keep = torch.rand(len(labels), 1, device=labels.device) >= args.condition_dropout
+            labels = labels * keep
+            target = noise if args.prediction_type == "epsilon" else noise_scheduler.get_velocity(images, noise, timesteps)
+            with accelerator.accumulate(denoiser):
+                prediction = denoiser(noisy_images, timesteps, labels)
+                loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                if args.snr_gamma is not None:  # min-SNR weighting (Hang et al. 2023)
+                    snr = compute_snr(noise_scheduler, timesteps)
+                    weight = torch.clamp(snr, max=args.snr_gamma) / (snr if args.prediction_type == "epsilon" else snr + 1)
+                    loss = loss * weight
+                loss = loss.mean()
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(denoiser.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            running_loss += loss.detach()
+            running_count += 1
+            if not accelerator.sync_gradients:
+                continue
+
+            model = accelerator.unwrap_model(denoiser)
+            for name, ema in emas.items():
+                ema.step(getattr(model, name).parameters())
+            global_step += 1
+            progress.update(1)
+            sync_point = global_step % args.logging_steps == 0 or global_step == max_train_steps
+            if sync_point:
+                # One host sync per logging interval: the loss is averaged over steps and processes.
+                mean_loss = accelerator.gather(running_loss / running_count).mean().item()
+                check_finite(mean_loss, global_step, output_dir, verified_step)
+                verified_step = global_step
+                seconds, interval_start = time.perf_counter() - interval_start, time.perf_counter()
+                seen = running_count * args.train_batch_size * accelerator.num_processes
+                logs = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "epoch": epoch, "images_per_second": seen / seconds}
+                if emas:
+                    logs["ema_decay"] = emas["unet"].cur_decay_value
+                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{logs['images_per_second']:.1f}")
+                accelerator.log(logs, step=global_step)
+                running_loss.zero_()
+                running_count = 0
+            stop_now = stop.now(accelerator, sync_point)
+            if stop_now or (args.checkpointing_steps and global_step % args.checkpointing_steps == 0):
+                # Never save diverged weights: they would become the "last good" checkpoint.
+                check_finite(accelerator.gather(running_loss).sum().item(), global_step, output_dir, verified_step)
+                verified_step = global_step
+                save_checkpoint(accelerator, output_dir, global_step, training_state, args.checkpoints_total_limit)
+            if stop_now:
+                logger.info(f"stop requested: checkpoint-{global_step} saved, stopping", main_process_only=True)
+                stop.restore()
+                accelerator.end_training()
+                return None
+            if global_step >= max_train_steps:
+                break
+
+        # Samples of the held-out validation labels, and their accuracy if an evaluator is given.
+        last_epoch = epoch == num_epochs - 1 or global_step >= max_train_steps
+        if accelerator.is_main_process and ((epoch + 1) % args.save_images_epochs == 0 or last_epoch):
+            accuracy = validate(args, accelerator, denoiser, noise_scheduler, emas, validation_labels, evaluator, output_dir, epoch, global_step, class_names)
+            if accuracy is not None and accuracy > best_accuracy:
+                best_accuracy = accuracy
+                with ema_weights(accelerator, denoiser, emas):
+                    with staged_directory(output_dir / "best", overwrite=True) as folder:
+                        build_pipeline(accelerator, denoiser, noise_scheduler).save_pretrained(folder)
+                logger.info(f"new best validation accuracy {accuracy:.4f}: pipeline saved to {output_dir / 'best'}")
+        accelerator.wait_for_everyone()
+        if global_step >= max_train_steps:
+            break
+
+    # Finish: the EMA weights are the ones saved.
+    stop.restore()
+    if accelerator.num_processes > 1:
+        check_replicas_agree(accelerator, denoiser)
+    if accelerator.is_main_process:
+        with ema_weights(accelerator, denoiser, emas):
+            pipeline = build_pipeline(accelerator, denoiser, noise_scheduler)
+            metrics = final_scores(args, pipeline, evaluator, class_names) if evaluator is not None else {}
+            with staged_contents(output_dir, marker="model_index.json") as folder:
+                pipeline.save_pretrained(folder)
+                location = args.hub_model_id if args.push_to_hub else str(output_dir.resolve())
+                settings = {**vars(args), "mixed_precision": accelerator.mixed_precision}
+                hub.write_model_card(folder, pipeline, settings, metrics, output_dir / "samples" / "latest.png", global_step, location)
+        print(f"Pipeline saved to {output_dir}; samples in {output_dir / 'samples'}")
+        if args.push_to_hub:
+            url = hub.push(output_dir, args.hub_model_id or output_dir.name, args.hub_token, args.hub_private_repo)
+            print(f"Pushed to {url}")
+    accelerator.end_training()
+    return output_dir
+
+
+@contextmanager
+def ema_weights(accelerator, denoiser, emas):
+    """Swap the EMA weights into the model for the duration of a `with` block (no-op without EMA)."""
+    model = accelerator.unwrap_model(denoiser)
+    for name, ema in emas.items():
+        ema.store(getattr(model, name).parameters())
+        ema.copy_to(getattr(model, name).parameters())
+    try:
+        yield
+    finally:
+        for name, ema in emas.items():
+            ema.restore(getattr(model, name).parameters())
+
+
+def sampling_pipeline(args, pipeline):
+    sampler = CondDDPMPipeline(pipeline.unet, pipeline.label_embedding, SCHEDULERS[args.validation_scheduler].from_config(pipeline.scheduler.config))
+    sampler.set_progress_bar_config(disable=True)
+    return sampler
+
+
+@torch.no_grad()
+def validate(args, accelerator, denoiser, noise_scheduler, emas, label_sets, evaluator, output_dir, epoch, step, class_names):
+    denoiser.eval()
+    with ema_weights(accelerator, denoiser, emas):
+        sampler = sampling_pipeline(args, build_pipeline(accelerator, denoiser, noise_scheduler))
+        images = generate(sampler, label_sets, args.ddpm_num_inference_steps, args.guidance_scale, args.seed, args.eval_batch_size)
+    denoiser.train()
+    grid_dir = output_dir / "samples"
+    grid_dir.mkdir(exist_ok=True)
+    save_image(images.float() / 255, grid_dir / f"epoch_{epoch:04d}.png", nrow=8)
+    shutil.copyfile(grid_dir / f"epoch_{epoch:04d}.png", grid_dir / "latest.png")
+    logs = {}
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", images, step)
+    accuracy = None
+    if evaluator is not None:
+        accuracy = evaluate(evaluator, images, multi_hot(label_sets, class_names))
+        logs["validation_accuracy"] = accuracy
+        logger.info(f"epoch {epoch}: accuracy on {len(label_sets)} held-out label sets {accuracy:.4f}")
+    accelerator.log(logs, step=step)
+    return accuracy
+
+
+def final_scores(args, pipeline, evaluator, class_names) -> dict:
+    """Accuracy on test.json and new_test.json, for the record only: no choice made by training depends on it."""
+    sampler = sampling_pipeline(args, pipeline)
+    scores = {}
+    for split, path in (("test", TEST_JSON), ("new_test", NEW_TEST_JSON)):
+        label_sets = read_label_sets(path, class_names)
+        images = generate(sampler, label_sets, args.ddpm_num_inference_steps, args.guidance_scale, args.seed, args.eval_batch_size)
+        scores[split] = evaluate(evaluator, images, multi_hot(label_sets, class_names))
+    scores.update(scheduler=args.validation_scheduler, num_inference_steps=args.ddpm_num_inference_steps, guidance_scale=args.guidance_scale)
+    logger.info(f"test accuracy {scores['test']:.4f}, new_test accuracy {scores['new_test']:.4f}")
+    return scores
+
+
+def check_launch(accelerator):
+    """Refuse a launch whose processes do not know each other: they would train identical copies."""
+    launched = [int(os.environ.get(v, "1")) for v in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")]
+    if max(launched) > accelerator.num_processes:
+        raise ValueError(
+            f"{max(launched)} processes were launched but each runs alone (Accelerate sees {accelerator.num_processes});"
+            " launch with `accelerate launch --multi_gpu --num_processes N` (on CPU: ACCELERATE_USE_CPU=1) or"
+            " `accelerate launch --config_file accelerate_config.yaml`"
+        )
+
+
+# --- Command line: the defaults train the GPU model on real i-CLEVR-sized data ---------------------------------------
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data (none given: the built-in synthetic i-CLEVR set)")
+    data.add_argument("--train_data_dir", help="folder of i-CLEVR images (real layout: also give --train_json)")
+    data.add_argument("--train_json", help="file name -> list of object names")
+    data.add_argument("--objects_json", default=str(OBJECTS_JSON), help="object name -> index")
+    data.add_argument("--dataset_name", help="a Hub dataset, or a local save_to_disk / imagefolder path")
+    data.add_argument("--image_column", default="image")
+    data.add_argument("--label_column", default="objects", help="per image: a list of object names or ClassLabels")
+    data.add_argument("--synthetic_scenes", type=cli.positive_int, default=6000, help="size of the built-in set (3 images each)")
+    data.add_argument("--resolution", type=cli.positive_int, default=64)
+    data.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=True)
+    data.add_argument("--dataloader_num_workers", type=cli.non_negative_int, default=2)
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--preset", default="base", choices=sorted(PRESETS))
+    model.add_argument("--ddpm_num_steps", type=cli.positive_int, default=1000)
+    model.add_argument("--ddpm_beta_schedule", default="squaredcos_cap_v2", choices=["linear", "scaled_linear", "squaredcos_cap_v2"])
+    model.add_argument("--prediction_type", default="v_prediction", choices=["epsilon", "v_prediction"])
+    model.add_argument("--condition_dropout", type=cli.probability, default=0.1, help="how often to train on the null label")
+    model.add_argument("--snr_gamma", type=cli.non_negative_float, default=5.0, help="min-SNR loss weighting; 0 turns it off")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--train_batch_size", type=cli.positive_int, default=64, help="per process")
+    optim.add_argument("--num_epochs", type=cli.positive_int, default=300)
+    optim.add_argument("--max_train_steps", type=cli.positive_int, default=None, help="overrides --num_epochs")
+    optim.add_argument("--gradient_accumulation_steps", type=cli.positive_int, default=1)
+    optim.add_argument("--learning_rate", type=cli.positive_float, default=2e-4)
+    optim.add_argument("--lr_scheduler", default="cosine", choices=["linear", "cosine", "constant", "constant_with_warmup"])
+    optim.add_argument("--lr_warmup_steps", type=cli.non_negative_int, default=500)
+    optim.add_argument("--adam_beta1", type=float, default=0.9)
+    optim.add_argument("--adam_beta2", type=float, default=0.999)
+    optim.add_argument("--adam_weight_decay", type=float, default=0.0)
+    optim.add_argument("--adam_epsilon", type=float, default=1e-8)
+    optim.add_argument("--max_grad_norm", type=float, default=1.0)
+    optim.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True)
+    optim.add_argument("--ema_inv_gamma", type=float, default=1.0)
+    optim.add_argument("--ema_power", type=float, default=3 / 4)
+    optim.add_argument("--ema_max_decay", type=float, default=0.9999)
+    optim.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="default: the accelerate config's")
+    optim.add_argument("--compile", action="store_true", help="torch.compile the model")
+    optim.add_argument("--seed", type=int, default=0)
+
+    run = parser.add_argument_group("checkpoints, logging, samples")
+    run.add_argument("--output_dir", default="cond-ddpm-iclevr")
+    run.add_argument("--overwrite_output_dir", action="store_true")
+    run.add_argument("--checkpointing_steps", type=cli.positive_int, default=1000)
+    run.add_argument("--checkpoints_total_limit", type=cli.positive_int, default=None)
+    run.add_argument("--resume_from_checkpoint", help='a checkpoint folder, or "latest"')
+    run.add_argument("--logger", default="tensorboard", choices=["tensorboard", "wandb", "none"])
+    run.add_argument("--logging_steps", type=cli.positive_int, default=50)
+    run.add_argument("--save_images_epochs", type=cli.positive_int, default=10)
+    run.add_argument("--num_validation_images", type=cli.positive_int, default=32)
+    run.add_argument("--eval_batch_size", type=cli.positive_int, default=64)
+    run.add_argument("--validation_scheduler", default="dpm++", choices=sorted(SCHEDULERS))
+    run.add_argument("--ddpm_num_inference_steps", type=cli.positive_int, default=25, help="sampling steps for samples")
+    run.add_argument("--guidance_scale", type=cli.non_negative_float, default=2.0)
+    run.add_argument("--evaluator_checkpoint", help="ResNet18 evaluator ({'model': state_dict}) for accuracy")
+
+    hub_args = parser.add_argument_group("Hugging Face Hub")
+    hub_args.add_argument("--push_to_hub", action="store_true")
+    hub_args.add_argument("--hub_model_id", help="default: the --output_dir folder name")
+    hub_args.add_argument("--hub_private_repo", action="store_true")
+    hub_args.add_argument("--hub_token", help="default: the token of `hf auth login` or HF_TOKEN")
+
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    return args
+
+
+def check_args(parser, args):
+    """Errors a user can make, caught before any work starts."""
+    if args.dataset_name and args.train_data_dir:
+        parser.error("give either --dataset_name or --train_data_dir, not both")
+    if bool(args.train_data_dir) != bool(args.train_json):
+        parser.error("--train_data_dir and --train_json go together (the real i-CLEVR layout)")
+    levels = len(PRESETS[args.preset]["block_out_channels"]) - 1
+    if args.resolution % 2**levels:
+        parser.error(f"--resolution {args.resolution} must be a multiple of {2**levels} for the {args.preset!r} preset")
+    if args.snr_gamma == 0:
+        args.snr_gamma = None
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        parser.error(f"--output_dir {output_dir} exists and is not a folder")
+    occupied = output_dir.is_dir() and any(p.name != "logs" for p in output_dir.iterdir())
+    if occupied and not (args.overwrite_output_dir or args.resume_from_checkpoint):
+        parser.error(
+            f"--output_dir {output_dir} is not empty; pass --resume_from_checkpoint latest to continue its run,"
+            " --overwrite_output_dir to replace it, or choose another folder"
+        )
+    if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
+        parser.error(f"--resume_from_checkpoint {args.resume_from_checkpoint} is neither a folder nor 'latest'")
+    if args.evaluator_checkpoint and not Path(args.evaluator_checkpoint).is_file():
+        parser.error(f"--evaluator_checkpoint {args.evaluator_checkpoint} does not exist")
+
+
+if __name__ == "__main__":
+    cli.run(main, parse_args())
