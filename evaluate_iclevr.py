@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from PIL import Image, ImageDraw
 from torch import nn
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.models import resnet18
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
@@ -33,6 +32,7 @@ from iclevr_data import (
     OBJECTS_JSON,
     TEST_JSON,
     build_dataset,
+    open_rgb,
     read_label_sets,
     read_objects_json,
     split_by_scene,
@@ -157,7 +157,7 @@ def read_pngs(folder, count: int) -> torch.Tensor:
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} image(s) missing in {folder}, e.g. {missing[0]}")
-    images = torch.stack([decode_image(str(p), mode=ImageReadMode.RGB) for p in paths])
+    images = torch.stack([torch.from_numpy(np.array(open_rgb(p))).permute(2, 0, 1) for p in paths])
     if images.shape[-2:] != (EVALUATOR_RESOLUTION, EVALUATOR_RESOLUTION):
         raise ValueError(f"the images in {folder} are {tuple(images.shape[-2:])}; the evaluator takes 64x64")
     return images

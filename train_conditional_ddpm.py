@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from torch import nn
@@ -37,7 +36,7 @@ from tqdm.auto import tqdm
 import cli
 import hub
 from atomic_io import INCOMPLETE_PREFIX, atomic_write_text, staged_contents, staged_directory
-from evaluate_iclevr import EVALUATOR_RESOLUTION, SCHEDULERS, evaluate, generate, load_evaluator
+from evaluate_iclevr import SCHEDULERS, evaluate, generate, load_evaluator
 from iclevr_data import (
     NEW_TEST_JSON,
     OBJECTS_JSON,
@@ -146,10 +145,12 @@ def check_resumable(checkpoint: Path, training_state: dict):
     saved = json.loads((checkpoint / "training_state.json").read_text())
     for key in RESUME_MUST_MATCH:
         if saved.get(key) != training_state[key]:
-            shown = lambda v: f"{len(v)} objects" if key == "class_names" else repr(v)  # noqa: E731
+            was, now = saved.get(key), training_state[key]
+            if key == "class_names":  # 24 names are too many to read in one line
+                was, now = f"{len(was or [])} objects", f"{len(now)} objects"
             raise ValueError(
-                f"cannot resume from {checkpoint}: it was trained with {key} = {shown(saved.get(key))}, and this run"
-                f" asks for {shown(training_state[key])}; use the same setting or start a new --output_dir"
+                f"cannot resume from {checkpoint}: it was trained with {key} = {was!r}, and this run asks for"
+                f" {now!r}; use the same setting or start a new --output_dir"
             )
     return saved["global_step"]
 
@@ -222,6 +223,7 @@ def main(args):
         dataset = load_training_data(args)
     class_names = dataset_class_names(dataset)
     validation_labels = held_out_label_sets(dataset, args.num_validation_images, args.seed)
+    validation_multi_hot = multi_hot(validation_labels, class_names)
     train_dataloader = torch.utils.data.DataLoader(
         dataset,
         batch_size=args.train_batch_size,
@@ -421,13 +423,15 @@ def main(args):
         # Samples of the held-out validation labels, and their accuracy if an evaluator is given.
         last_epoch = epoch == num_epochs - 1 or global_step >= max_train_steps
         if accelerator.is_main_process and ((epoch + 1) % args.save_images_epochs == 0 or last_epoch):
-            accuracy = validate(args, accelerator, denoiser, noise_scheduler, emas, validation_labels, evaluator, output_dir, epoch, global_step, class_names)
-            if accuracy is not None and accuracy > best_accuracy:
-                best_accuracy = accuracy
-                with ema_weights(accelerator, denoiser, emas):
+            with ema_weights(accelerator, denoiser, emas):
+                pipeline = build_pipeline(accelerator, denoiser, noise_scheduler)
+                images = sample(args, pipeline, validation_labels)
+                accuracy = record_validation(args, accelerator, images, validation_multi_hot, evaluator, epoch, global_step)
+                if accuracy is not None and accuracy > best_accuracy:
+                    best_accuracy = accuracy
                     with staged_directory(output_dir / "best", overwrite=True) as folder:
-                        build_pipeline(accelerator, denoiser, noise_scheduler).save_pretrained(folder)
-                logger.info(f"new best validation accuracy {accuracy:.4f}: pipeline saved to {output_dir / 'best'}")
+                        pipeline.save_pretrained(folder)
+                    logger.info(f"new best validation accuracy {accuracy:.4f}: pipeline saved to {output_dir / 'best'}")
         accelerator.wait_for_everyone()
         if global_step >= max_train_steps:
             break
@@ -439,7 +443,7 @@ def main(args):
     if accelerator.is_main_process:
         with ema_weights(accelerator, denoiser, emas):
             pipeline = build_pipeline(accelerator, denoiser, noise_scheduler)
-            metrics = final_scores(args, pipeline, evaluator, class_names) if evaluator is not None else {}
+            metrics = final_scores(args, pipeline, evaluator) if evaluator is not None else {}
             with staged_contents(output_dir, marker="model_index.json") as folder:
                 pipeline.save_pretrained(folder)
                 location = args.hub_model_id if args.push_to_hub else str(output_dir.resolve())
@@ -449,6 +453,7 @@ def main(args):
         if args.push_to_hub:
             url = hub.push(output_dir, args.hub_model_id or output_dir.name, args.hub_token, args.hub_private_repo)
             print(f"Pushed to {url}")
+    progress.close()
     accelerator.end_training()
     return output_dir
 
@@ -467,44 +472,37 @@ def ema_weights(accelerator, denoiser, emas):
             ema.restore(getattr(model, name).parameters())
 
 
-def sampling_pipeline(args, pipeline):
-    sampler = CondDDPMPipeline(pipeline.unet, pipeline.label_embedding, SCHEDULERS[args.validation_scheduler].from_config(pipeline.scheduler.config))
+def sample(args, pipeline, label_sets) -> torch.Tensor:
+    """8-bit images of `label_sets` with the sampler, steps and guidance of the validation flags."""
+    scheduler = SCHEDULERS[args.validation_scheduler].from_config(pipeline.scheduler.config)
+    sampler = CondDDPMPipeline(pipeline.unet, pipeline.label_embedding, scheduler)
     sampler.set_progress_bar_config(disable=True)
-    return sampler
+    return generate(sampler, label_sets, args.ddpm_num_inference_steps, args.guidance_scale, args.seed, args.eval_batch_size)
 
 
-@torch.no_grad()
-def validate(args, accelerator, denoiser, noise_scheduler, emas, label_sets, evaluator, output_dir, epoch, step, class_names):
-    denoiser.eval()
-    with ema_weights(accelerator, denoiser, emas):
-        sampler = sampling_pipeline(args, build_pipeline(accelerator, denoiser, noise_scheduler))
-        images = generate(sampler, label_sets, args.ddpm_num_inference_steps, args.guidance_scale, args.seed, args.eval_batch_size)
-    denoiser.train()
-    grid_dir = output_dir / "samples"
+def record_validation(args, accelerator, images, labels, evaluator, epoch, step):
+    """Save and log the sample grid; return the evaluator's accuracy on it (None without an evaluator)."""
+    grid_dir = Path(args.output_dir) / "samples"
     grid_dir.mkdir(exist_ok=True)
     save_image(images.float() / 255, grid_dir / f"epoch_{epoch:04d}.png", nrow=8)
     shutil.copyfile(grid_dir / f"epoch_{epoch:04d}.png", grid_dir / "latest.png")
-    logs = {}
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images("validation", images, step)
-    accuracy = None
-    if evaluator is not None:
-        accuracy = evaluate(evaluator, images, multi_hot(label_sets, class_names))
-        logs["validation_accuracy"] = accuracy
-        logger.info(f"epoch {epoch}: accuracy on {len(label_sets)} held-out label sets {accuracy:.4f}")
-    accelerator.log(logs, step=step)
+    if evaluator is None:
+        return None
+    accuracy = evaluate(evaluator, images, labels)
+    accelerator.log({"validation_accuracy": accuracy}, step=step)
+    logger.info(f"epoch {epoch}: accuracy on {len(labels)} held-out label sets {accuracy:.4f}")
     return accuracy
 
 
-def final_scores(args, pipeline, evaluator, class_names) -> dict:
+def final_scores(args, pipeline, evaluator) -> dict:
     """Accuracy on test.json and new_test.json, for the record only: no choice made by training depends on it."""
-    sampler = sampling_pipeline(args, pipeline)
     scores = {}
     for split, path in (("test", TEST_JSON), ("new_test", NEW_TEST_JSON)):
-        label_sets = read_label_sets(path, class_names)
-        images = generate(sampler, label_sets, args.ddpm_num_inference_steps, args.guidance_scale, args.seed, args.eval_batch_size)
-        scores[split] = evaluate(evaluator, images, multi_hot(label_sets, class_names))
+        label_sets = read_label_sets(path, pipeline.class_names)
+        scores[split] = evaluate(evaluator, sample(args, pipeline, label_sets), multi_hot(label_sets, pipeline.class_names))
     scores.update(scheduler=args.validation_scheduler, num_inference_steps=args.ddpm_num_inference_steps, guidance_scale=args.guidance_scale)
     logger.info(f"test accuracy {scores['test']:.4f}, new_test accuracy {scores['new_test']:.4f}")
     return scores
