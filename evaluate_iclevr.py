@@ -321,7 +321,7 @@ def parse_args(argv=None):
     sub.add_argument("--train_json", required=True)
     sub.add_argument("--output", required=True, help="where to save {'model': state_dict}")
     sub.add_argument("--validation_fraction", type=float, default=0.1, help="scenes held out to measure accuracy")
-    sub.add_argument("--num_epochs", type=cli.positive_int, default=8)
+    sub.add_argument("--num_epochs", type=cli.positive_int, default=40, help="ResNet18 from scratch needs many steps")
     sub.add_argument("--train_batch_size", type=cli.positive_int, default=64)
     sub.add_argument("--learning_rate", type=float, default=2e-3)
     sub.add_argument("--seed", type=int, default=0)

@@ -6,6 +6,7 @@ index). Both real and synthetic data load through `load_iclevr_dataset`; a datas
 (3, R, R) in [-1, 1] and multi-hot `labels`.
 
     python iclevr_data.py synthesize --output_dir DIR --num_scenes 1000 --seed 0
+    python iclevr_data.py preview --dataset_dir DIR --output preview.png
     python iclevr_data.py push --dataset_dir DIR --repo_id you/iclevr-synthetic
 """
 
@@ -22,10 +23,11 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, Features, Image, List, load_dataset, load_from_disk
 from PIL import Image as PILImage
+from PIL import ImageDraw
 from torchvision.transforms import v2
 
 import cli
-from atomic_io import staged_directory
+from atomic_io import atomic_write, staged_directory
 from iclevr_render import RENDERER_VERSION, random_scene, render_scene
 from pipeline_cond_ddpm import multi_hot
 
@@ -49,7 +51,7 @@ def _read_json(path):
 def read_objects_json(path=OBJECTS_JSON) -> list[str]:
     """The vocabulary of an objects.json ({name: index}), as a list of names in index order."""
     objects = _read_json(path)
-    if not isinstance(objects, dict) or not objects:
+    if not isinstance(objects, dict) or not objects or not all(type(i) is int for i in objects.values()):
         raise ValueError(f"{path} must map object names to indices 0..C-1, e.g. {{\"gray cube\": 0}}")
     if sorted(objects.values()) != list(range(len(objects))):
         raise ValueError(f"{path}: the indices must be 0..{len(objects) - 1}, each once; got {sorted(objects.values())}")
@@ -268,6 +270,23 @@ def default_synthetic_dataset(num_scenes: int, seed: int = 0) -> Path:
 # --- Command line --------------------------------------------------------------------------------------------------
 
 
+def preview(dataset_dir, output, num_images: int = 12, columns: int = 3, tile: int = 256) -> Path:
+    """Draw the first `num_images` images of an i-CLEVR-style folder with their labels, as one PNG."""
+    dataset_dir = Path(dataset_dir)
+    entries = list(_read_json(dataset_dir / "train.json").items())[:num_images]
+    rows = -(-len(entries) // columns)
+    caption = 3 * 14
+    sheet = PILImage.new("RGB", (columns * tile, rows * (tile * 3 // 4 + caption)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (file_name, labels) in enumerate(entries):
+        x, y = (i % columns) * tile, (i // columns) * (tile * 3 // 4 + caption)
+        sheet.paste(open_rgb(dataset_dir / "images" / file_name).resize((tile, tile * 3 // 4)), (x, y))
+        for line, label in enumerate(labels):
+            draw.text((x + 4, y + tile * 3 // 4 + 1 + 14 * line), label, fill="black")
+    atomic_write(output, lambda temporary: sheet.save(temporary, format="PNG"))
+    return Path(output)
+
+
 def push(dataset_dir, repo_id: str, private: bool = False, token: str | None = None):
     """Publish an i-CLEVR-style folder as a `datasets` dataset (image + object labels) on the Hub."""
     dataset_dir = Path(dataset_dir)
@@ -284,6 +303,10 @@ def main(argv=None):
     render.add_argument("--num_scenes", type=cli.positive_int, default=1000, help="each scene gives 3 images (1, 2, 3 objects)")
     render.add_argument("--seed", type=int, default=0)
     render.add_argument("--num_workers", type=cli.positive_int, default=None, help="rendering processes (default: all cores)")
+    show = commands.add_parser("preview", help="draw images of an i-CLEVR-style folder with their labels")
+    show.add_argument("--dataset_dir", required=True, help="holds images/ and train.json")
+    show.add_argument("--output", required=True)
+    show.add_argument("--num_images", type=cli.positive_int, default=12)
     publish = commands.add_parser("push", help="publish an i-CLEVR-style folder as a Hub dataset")
     publish.add_argument("--dataset_dir", required=True, help="holds images/, train.json and objects.json")
     publish.add_argument("--repo_id", required=True)
@@ -293,6 +316,8 @@ def main(argv=None):
     if args.command == "synthesize":
         folder = cli.run(synthesize, args.output_dir, args.num_scenes, args.seed, args.num_workers)
         print(f"Wrote {3 * args.num_scenes} images to {folder / 'images'}, with train.json and objects.json")
+    elif args.command == "preview":
+        print(f"Drew {cli.run(preview, args.dataset_dir, args.output, args.num_images)}")
     else:
         dataset = cli.run(push, args.dataset_dir, args.repo_id, args.private, args.hub_token)
         print(f"Pushed {len(dataset)} images to https://huggingface.co/datasets/{args.repo_id}")

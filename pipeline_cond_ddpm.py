@@ -8,6 +8,7 @@ project is not installed. It therefore imports nothing but torch, diffusers and 
 import difflib
 import inspect
 import json
+import operator
 import os
 import shutil
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput, UNe
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils.torch_utils import randn_tensor
-from huggingface_hub import snapshot_download
+from huggingface_hub import create_repo, snapshot_download, upload_folder
 
 # Model sizes. `attention_levels` counts UNet levels from full resolution (0); `cross_attention` switches from an
 # added label embedding alone to `UNet2DConditionModel`, whose attention layers also attend to one token per object.
@@ -79,11 +80,15 @@ def _class_index(label, class_names: Sequence[str]) -> int:
             hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
             raise ValueError(f"unknown object name {label!r}{hint} Known objects: {', '.join(class_names)}")
         return class_names.index(label)
-    if isinstance(label, int) and not isinstance(label, bool):
-        if not 0 <= label < len(class_names):
-            raise ValueError(f"object index {label} is out of range; indices run from 0 to {len(class_names) - 1}")
-        return label
-    raise ValueError(f"an object must be a name or an index, got {label!r} of type {type(label).__name__}")
+    try:  # Python, numpy and 0-d torch integers; not bools, which are a mistake here
+        index = operator.index(label) if not isinstance(label, bool) else None
+    except TypeError:
+        index = None
+    if index is None:
+        raise ValueError(f"an object must be a name or an index, got {label!r} of type {type(label).__name__}")
+    if not 0 <= index < len(class_names):
+        raise ValueError(f"object index {index} is out of range; indices run from 0 to {len(class_names) - 1}")
+    return index
 
 
 class LabelEmbedding(ModelMixin, ConfigMixin):
@@ -302,8 +307,13 @@ class CondDDPMPipeline(DiffusionPipeline):
             return (image,)
         return ImagePipelineOutput(images=image)
 
-    def save_pretrained(self, save_directory, **kwargs):
-        """Save as diffusers does, plus this file as the pipeline's and the label embedding's remote code."""
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """Save as diffusers does, plus this file as the pipeline's and the label embedding's remote code.
+
+        With `push_to_hub` (and optionally `repo_id`, `token`, `private`, `commit_message`), the finished folder, code
+        included, is uploaded afterwards.
+        """
+        hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "token", "private", "commit_message") if k in kwargs}
         super().save_pretrained(save_directory, **kwargs)
         source = Path(inspect.getsourcefile(type(self)))
         shutil.copyfile(source, Path(save_directory) / f"{REMOTE_PIPELINE_MODULE}.py")
@@ -313,6 +323,11 @@ class CondDDPMPipeline(DiffusionPipeline):
         index["_class_name"] = [REMOTE_PIPELINE_MODULE, type(self).__name__]
         index["label_embedding"] = [REMOTE_LABEL_EMBEDDING_MODULE, type(self.label_embedding).__name__]
         index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        if push_to_hub:
+            token = hub_kwargs.get("token")
+            repo_id = hub_kwargs.get("repo_id", Path(save_directory).name)
+            repo_id = create_repo(repo_id, private=hub_kwargs.get("private"), token=token, exist_ok=True).repo_id
+            upload_folder(repo_id=repo_id, folder_path=save_directory, token=token, commit_message=hub_kwargs.get("commit_message"))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):

@@ -145,12 +145,12 @@ def check_resumable(checkpoint: Path, training_state: dict):
     saved = json.loads((checkpoint / "training_state.json").read_text())
     for key in RESUME_MUST_MATCH:
         if saved.get(key) != training_state[key]:
-            was, now = saved.get(key), training_state[key]
+            was, now = repr(saved.get(key)), repr(training_state[key])
             if key == "class_names":  # 24 names are too many to read in one line
-                was, now = f"{len(was or [])} objects", f"{len(now)} objects"
+                was, now = f"{len(saved.get(key) or [])} objects", f"{len(training_state[key])} objects"
             raise ValueError(
-                f"cannot resume from {checkpoint}: it was trained with {key} = {was!r}, and this run asks for"
-                f" {now!r}; use the same setting or start a new --output_dir"
+                f"cannot resume from {checkpoint}: it was trained with {key} = {was}, and this run asks for"
+                f" {now}; use the same setting or start a new --output_dir"
             )
     return saved["global_step"]
 

@@ -10,6 +10,7 @@ import torch
 from datasets import Dataset, Features, Image, List, Value
 from PIL import Image as PILImage
 
+import iclevr_data
 from iclevr_data import (
     OBJECTS_JSON,
     TEST_JSON,
@@ -177,3 +178,10 @@ def test_synthesize_refuses_a_non_empty_folder_and_bad_counts(tmp_path):
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
     with pytest.raises(ValueError, match="num_scenes must be a positive integer, got 0"):
         synthesize(tmp_path / "new", num_scenes=0)
+
+
+def test_preview_draws_images_with_their_labels(synthetic_dir, tmp_path):
+    output = iclevr_data.preview(synthetic_dir, tmp_path / "preview.png", num_images=5)
+    with PILImage.open(output) as sheet:
+        assert sheet.size == (3 * 256, 2 * (192 + 42))
+        assert len(np.unique(np.asarray(sheet.convert("L")))) > 50  # pictures, not an empty sheet

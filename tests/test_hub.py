@@ -54,20 +54,37 @@ def test_the_installed_class_loads_a_hub_repository_without_running_its_code(tin
     assert type(pipeline) is CondDDPMPipeline
 
 
+class FakeHub:
+    """Records the Hub calls of a run in place of the network."""
+
+    def __init__(self):
+        self.calls = {}
+
+    def whoami(self, token=None):
+        self.calls["whoami"] = token
+        return {"name": "me"}
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls["create_repo"] = (repo_id, kwargs)
+        return type("RepoUrl", (), {"repo_id": repo_id})
+
+    def upload_folder(self, **kwargs):
+        self.calls["upload_folder"] = kwargs
+
+
 @pytest.fixture(scope="module")
 def pushed_run(tmp_path_factory, synthetic_dir, evaluator_checkpoint):
     """A whole training run with --push_to_hub, in this process, with only the Hub's network calls replaced."""
     output_dir = tmp_path_factory.mktemp("runs") / "pushed"
-    calls = {}
+    fake = FakeHub()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(hub, "whoami", lambda token=None: calls.setdefault("whoami", token) and {"name": "me"})
-        patch.setattr(hub, "create_repo", lambda repo_id, **kw: calls.setdefault("create_repo", (repo_id, kw)) and type("Url", (), {"repo_id": repo_id}))
-        patch.setattr(hub, "upload_folder", lambda **kw: calls.setdefault("upload_folder", kw))
+        for name in ("whoami", "create_repo", "upload_folder"):
+            patch.setattr(hub, name, getattr(fake, name))
         args = training_args(output_dir, synthetic_dir, "--max_train_steps", 2, "--evaluator_checkpoint", evaluator_checkpoint,
                              "--push_to_hub", "--hub_model_id", "me/cond-ddpm-tiny", "--hub_token", TOKEN, "--hub_private_repo",
                              "--logger", "tensorboard")
         cli.run(train_conditional_ddpm.main, train_conditional_ddpm.parse_args(args))
-    return output_dir, calls
+    return output_dir, fake.calls
 
 
 def test_push_uploads_the_saved_folder_without_checkpoints_or_logs(pushed_run):

@@ -26,7 +26,7 @@ def count_unet_batches(pipeline):
 
 def test_names_indices_and_multi_hot_give_the_same_labels(class_names):
     by_name = multi_hot([["red cube", "blue sphere"], ["gray cylinder"]], class_names)
-    by_index = multi_hot([[1, 10], [16]], class_names)
+    by_index = multi_hot([[1, np.int64(10)], [torch.tensor(16)]], class_names)
     mixed = multi_hot([["red cube", 10], [16]], class_names)
     from_numpy = multi_hot(by_name.numpy(), class_names)
     assert by_name.shape == (2, 24)
@@ -127,6 +127,15 @@ def test_save_and_load_round_trip_exactly(tiny_pipeline, tmp_path):
     assert weights == ["label_embedding/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.safetensors"]
 
 
+def test_save_pretrained_pushes_the_finished_folder(tiny_pipeline, tmp_path, monkeypatch):
+    uploaded = {}
+    monkeypatch.setattr("pipeline_cond_ddpm.create_repo", lambda repo_id, **kw: type("Repo", (), {"repo_id": f"me/{repo_id}"}))
+    monkeypatch.setattr("pipeline_cond_ddpm.upload_folder", lambda **kw: uploaded.update(kw, files=sorted(p.name for p in kw["folder_path"].iterdir())))
+    tiny_pipeline.save_pretrained(tmp_path / "tiny", push_to_hub=True, token="hf_x")
+    assert uploaded["repo_id"] == "me/tiny" and uploaded["token"] == "hf_x"
+    assert "pipeline_cond_ddpm.py" in uploaded["files"] and "model_index.json" in uploaded["files"]
+
+
 # --- Presets -------------------------------------------------------------------------------------------------------
 
 
@@ -173,8 +182,9 @@ def test_cross_attention_variant_attends_to_object_tokens(class_names):
         (["red cube", "blue sphere"], "each label set must be a list"),
         ([["red cube", "red cube"]], "names 'red cube' twice"),
         ([[1.5]], "an object must be a name or an index, got 1.5"),
+        ([[True]], "an object must be a name or an index, got True"),
     ],
-    ids=["unknown-name", "index-too-big", "index-negative", "width", "not-0-1", "empty-batch", "flat-list", "duplicate", "float"],
+    ids=["unknown-name", "index-too-big", "index-negative", "width", "not-0-1", "empty-batch", "flat-list", "duplicate", "float", "bool"],
 )
 def test_bad_labels_are_refused_clearly(tiny_pipeline, labels, message):
     with pytest.raises(ValueError, match=message):
