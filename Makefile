@@ -15,7 +15,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 # The main job on the built-in synthetic data, sized for a CPU: the tiny preset at 32x32, a few minutes.
 train: $(VENV)/.installed
-	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --num_cpu_threads_per_process $(shell nproc) --mixed_precision no --dynamo_backend no \
 		train_conditional_ddpm.py --preset tiny --resolution 32 --synthetic_scenes 1000 \
 		--max_train_steps 600 --train_batch_size 32 --learning_rate 1e-3 --lr_warmup_steps 50 \
 		--save_images_epochs 5 --dataloader_num_workers 1 --output_dir runs/tiny-synthetic --overwrite_output_dir

@@ -212,6 +212,7 @@ def main(args):
     )
     check_launch(accelerator)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    check_cpu_threads(accelerator)
     set_seed(args.seed, device_specific=True)  # one seed per process, so noise differs across processes
     if accelerator.is_main_process:
         if args.push_to_hub:  # fail now, not after hours of training
@@ -516,6 +517,21 @@ def check_launch(accelerator):
             f"{max(launched)} processes were launched but each runs alone (Accelerate sees {accelerator.num_processes});"
             " launch with `accelerate launch --multi_gpu --num_processes N` (on CPU: ACCELERATE_USE_CPU=1) or"
             " `accelerate launch --config_file accelerate_config.yaml`"
+        )
+
+
+def check_cpu_threads(accelerator):
+    """Warn when torch uses fewer CPU cores than this process could: `accelerate launch` sets OMP_NUM_THREADS=1
+    unless told otherwise, which halves a single-process run on a 2-core machine."""
+    if accelerator.device.type != "cpu":
+        return
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    cores = max(1, len(os.sched_getaffinity(0)) // local_processes)
+    if torch.get_num_threads() < cores:
+        logger.warning(
+            f"torch uses {torch.get_num_threads()} CPU thread(s) per process and {cores} cores are free for each;"
+            f" launch with `accelerate launch --num_cpu_threads_per_process {cores}` (or set OMP_NUM_THREADS={cores})",
+            main_process_only=True,
         )
 
 

@@ -1,9 +1,12 @@
 """train_conditional_ddpm.py end to end, in real processes: one process, two-process DDP (gloo), checkpoints, resume."""
 
+import logging
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate import PartialState
 
 from conftest import assert_same_weights, load_weights, run_python, training_args
 from pipeline_cond_ddpm import CondDDPMPipeline
@@ -84,3 +87,16 @@ def test_a_launch_whose_processes_run_alone_is_refused(tmp_path, synthetic_dir):
     assert "2 processes were launched but each runs alone" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "alone" / "model_index.json").exists()
+
+
+@pytest.mark.parametrize("threads, warned", [(1, True), (4, False)])
+def test_idle_cpu_cores_are_pointed_out(monkeypatch, caplog, threads, warned):
+    import train_conditional_ddpm
+
+    PartialState()
+    monkeypatch.setattr(train_conditional_ddpm.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(train_conditional_ddpm.torch, "get_num_threads", lambda: threads)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    with caplog.at_level(logging.WARNING):
+        train_conditional_ddpm.check_cpu_threads(SimpleNamespace(device=torch.device("cpu"), num_processes=1))
+    assert ("--num_cpu_threads_per_process 4" in caplog.text) == warned
