@@ -82,7 +82,7 @@ def save_evaluator(model: nn.Module, path) -> Path:
 def accuracy(probabilities: torch.Tensor, labels: torch.Tensor) -> float:
     """The course's metric, pooled over all images: top-k hits / total labels, k = objects in each label set."""
     hits = total = 0
-    for scores, label in zip(probabilities, labels):
+    for scores, label in zip(probabilities, labels, strict=True):
         k = int(label.sum())
         hits += int(label[scores.topk(k).indices].sum())
         total += k
@@ -115,7 +115,7 @@ def load_pipeline(path, class_names: list[str], device) -> CondDDPMPipeline:
         raise FileNotFoundError(f"{path} is not a saved pipeline (it has no model_index.json)")
     pipeline = CondDDPMPipeline.from_pretrained(path).to(device)
     if pipeline.class_names != class_names:
-        differences = [f"{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(pipeline.class_names, class_names)) if a != b]
+        differences = [f"{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(pipeline.class_names, class_names, strict=False)) if a != b]
         raise ValueError(
             f"the pipeline in {path} knows {len(pipeline.class_names)} objects and objects.json {len(class_names)},"
             f" and they differ ({'; '.join(differences[:5]) or 'in number'}); score with the objects.json it was"
