@@ -275,14 +275,14 @@ def preview(dataset_dir, output, num_images: int = 12, columns: int = 3, tile: i
     dataset_dir = Path(dataset_dir)
     entries = list(_read_json(dataset_dir / "train.json").items())[:num_images]
     rows = -(-len(entries) // columns)
-    caption = 3 * 14
-    sheet = PILImage.new("RGB", (columns * tile, rows * (tile * 3 // 4 + caption)), "white")
+    height, line_height = tile * 3 // 4, 14  # the frames are 4:3; up to three caption lines under each
+    sheet = PILImage.new("RGB", (columns * tile, rows * (height + 3 * line_height)), "white")
     draw = ImageDraw.Draw(sheet)
     for i, (file_name, labels) in enumerate(entries):
-        x, y = (i % columns) * tile, (i // columns) * (tile * 3 // 4 + caption)
-        sheet.paste(open_rgb(dataset_dir / "images" / file_name).resize((tile, tile * 3 // 4)), (x, y))
+        x, y = (i % columns) * tile, (i // columns) * (height + 3 * line_height)
+        sheet.paste(open_rgb(dataset_dir / "images" / file_name).resize((tile, height)), (x, y))
         for line, label in enumerate(labels):
-            draw.text((x + 4, y + tile * 3 // 4 + 1 + 14 * line), label, fill="black")
+            draw.text((x + 4, y + height + 1 + line_height * line), label, fill="black")
     atomic_write(output, lambda temporary: sheet.save(temporary, format="PNG"))
     return Path(output)
 

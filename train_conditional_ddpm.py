@@ -141,16 +141,20 @@ def check_finite(loss: float, step: int, output_dir: Path, verified_step: int):
         )
 
 
+def shown_setting(key: str, value) -> str:
+    if key == "class_names":  # 24 names are too many to read in one line
+        return f"{len(value or [])} objects"
+    return repr(value)
+
+
 def check_resumable(checkpoint: Path, training_state: dict):
     saved = json.loads((checkpoint / "training_state.json").read_text())
     for key in RESUME_MUST_MATCH:
         if saved.get(key) != training_state[key]:
-            was, now = repr(saved.get(key)), repr(training_state[key])
-            if key == "class_names":  # 24 names are too many to read in one line
-                was, now = f"{len(saved.get(key) or [])} objects", f"{len(training_state[key])} objects"
             raise ValueError(
-                f"cannot resume from {checkpoint}: it was trained with {key} = {was}, and this run asks for"
-                f" {now}; use the same setting or start a new --output_dir"
+                f"cannot resume from {checkpoint}: it was trained with {key} = {shown_setting(key, saved.get(key))},"
+                f" and this run asks for {shown_setting(key, training_state[key])}; use the same setting or start a"
+                " new --output_dir"
             )
     return saved["global_step"]
 

@@ -13,7 +13,6 @@ Steps: (1) the built-in synthetic set and an evaluator trained on it (`evaluate_
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -23,14 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# `accelerate launch` gives a single CPU process one thread unless told otherwise.
-CPU_CORES = len(os.sched_getaffinity(0))
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from atomic_io import atomic_write_text  # noqa: E402
 from evaluate_iclevr import evaluate, generate, load_evaluator, load_pipeline, set_scheduler  # noqa: E402
 from iclevr_data import NEW_TEST_JSON, TEST_JSON, default_synthetic_dataset, read_label_sets, read_objects_json  # noqa: E402
+from launch import one_process_training_command  # noqa: E402
 from pipeline_cond_ddpm import multi_hot  # noqa: E402
 
 SCENES = 5000
@@ -91,10 +89,7 @@ def main():
     evaluator_accuracy = json.loads(evaluator_record.read_text())["held_out_accuracy"] if evaluator_record.is_file() else None
 
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-                    "--num_cpu_threads_per_process", str(CPU_CORES),
-                    "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train_conditional_ddpm.py"), *flags,
-                    "--output_dir", str(output_dir / "pipeline"), "--overwrite_output_dir"], check=True)
+    subprocess.run(one_process_training_command(*flags, "--output_dir", output_dir / "pipeline", "--overwrite_output_dir"), check=True)
     training_minutes = (time.perf_counter() - start) / 60
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -14,7 +14,6 @@ loop's. Each measurement runs in a process of its own, so its peak memory is its
 import argparse
 import itertools
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -27,13 +26,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-# `accelerate launch` gives a single CPU process one thread unless told otherwise.
-CPU_CORES = len(os.sched_getaffinity(0))
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from atomic_io import atomic_write_text  # noqa: E402
 from iclevr_data import read_objects_json  # noqa: E402
+from launch import one_process_training_command  # noqa: E402
 from pipeline_cond_ddpm import CondDDPMPipeline  # noqa: E402
 from train_conditional_ddpm import Denoiser  # noqa: E402
 
@@ -86,15 +84,12 @@ def training_script(preset, resolution, batch_size, steps, data_scenes):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     with tempfile.TemporaryDirectory() as output_dir:
-        command = [
-            sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-            "--num_cpu_threads_per_process", str(CPU_CORES),
-            "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train_conditional_ddpm.py"),
-            "--preset", preset, "--resolution", str(resolution), "--train_batch_size", str(batch_size),
-            "--max_train_steps", str(steps), "--logging_steps", str(max(1, steps // 10)), "--synthetic_scenes", str(data_scenes),
-            "--save_images_epochs", "100000", "--num_validation_images", "1", "--ddpm_num_inference_steps", "1",
-            "--dataloader_num_workers", "1", "--checkpointing_steps", str(10 * steps), "--output_dir", output_dir,
-        ]
+        command = one_process_training_command(
+            "--preset", preset, "--resolution", resolution, "--train_batch_size", batch_size,
+            "--max_train_steps", steps, "--logging_steps", max(1, steps // 10), "--synthetic_scenes", data_scenes,
+            "--save_images_epochs", 100000, "--num_validation_images", 1, "--ddpm_num_inference_steps", 1,
+            "--dataloader_num_workers", 1, "--checkpointing_steps", 10 * steps, "--output_dir", output_dir,
+        )
         subprocess.run(command, check=True, capture_output=True, text=True)
         events = EventAccumulator(next(Path(output_dir, "logs").rglob("events.out.tfevents.*")).as_posix())
         events.Reload()
