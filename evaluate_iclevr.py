@@ -302,11 +302,11 @@ def parse_args(argv=None):
         sub.add_argument("--pipeline", required=True, help="a folder saved by the training script")
         sub.add_argument("--scheduler", default="dpm++", choices=sorted(SCHEDULERS))
         sub.add_argument("--num_inference_steps", type=cli.positive_int, default=steps)
-        sub.add_argument("--guidance_scale", type=cli.non_negative_float, default=2.0)
+        sub.add_argument("--guidance_scale", type=cli.non_negative_float, default=5.0)
         sub.add_argument("--seed", type=int, default=0)
 
     sub = command("score", "generate test.json / new_test.json images and score them", label_files=True)
-    sampling_flags(sub, steps=25)
+    sampling_flags(sub, steps=10)
     sub.add_argument("--evaluator_checkpoint", required=True)
     sub.add_argument("--output_dir", required=True)
     sub.add_argument("--overwrite_output_dir", action="store_true")

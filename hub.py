@@ -42,7 +42,7 @@ from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 pipe = DiffusionPipeline.from_pretrained("{{ location }}", trust_remote_code=True)
 pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
 labels = [["red cube", "blue sphere"], ["gray cylinder", "yellow sphere", "cyan cube"]]
-images = pipe(labels, num_inference_steps=25, guidance_scale=2.0, generator=torch.Generator().manual_seed(0)).images
+images = pipe(labels, num_inference_steps=10, guidance_scale=5.0, generator=torch.Generator().manual_seed(0)).images
 images[0].save("scene.png")
 ```
 

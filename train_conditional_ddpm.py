@@ -597,8 +597,8 @@ def parse_args(argv=None):
     run.add_argument("--num_validation_images", type=cli.positive_int, default=32)
     run.add_argument("--eval_batch_size", type=cli.positive_int, default=64)
     run.add_argument("--validation_scheduler", default="dpm++", choices=sorted(SCHEDULERS))
-    run.add_argument("--ddpm_num_inference_steps", type=cli.positive_int, default=25, help="sampling steps for samples")
-    run.add_argument("--guidance_scale", type=cli.non_negative_float, default=2.0)
+    run.add_argument("--ddpm_num_inference_steps", type=cli.positive_int, default=10, help="sampling steps for samples")
+    run.add_argument("--guidance_scale", type=cli.non_negative_float, default=5.0)
     run.add_argument("--evaluator_checkpoint", help="ResNet18 evaluator ({'model': state_dict}) for accuracy")
 
     hub_args = parser.add_argument_group("Hugging Face Hub")
