@@ -36,7 +36,14 @@ from tqdm.auto import tqdm
 import cli
 import hub
 from atomic_io import INCOMPLETE_PREFIX, atomic_write_text, staged_contents, staged_directory
-from evaluate_iclevr import SCHEDULERS, evaluate, generate, load_evaluator
+from evaluate_iclevr import (
+    DEFAULT_NUM_INFERENCE_STEPS,
+    DEFAULT_SCHEDULER,
+    SCHEDULERS,
+    evaluate,
+    generate,
+    load_evaluator,
+)
 from iclevr_data import (
     NEW_TEST_JSON,
     OBJECTS_JSON,
@@ -47,7 +54,7 @@ from iclevr_data import (
     load_iclevr_dataset,
     read_label_sets,
 )
-from pipeline_cond_ddpm import PRESETS, CondDDPMPipeline, multi_hot
+from pipeline_cond_ddpm import DEFAULT_GUIDANCE_SCALE, PRESETS, CondDDPMPipeline, multi_hot
 
 logger = get_logger(__name__)
 # Settings a checkpoint must share with the run that resumes it: anything else changes the model or its meaning.
@@ -596,9 +603,9 @@ def parse_args(argv=None):
     run.add_argument("--save_images_epochs", type=cli.positive_int, default=10)
     run.add_argument("--num_validation_images", type=cli.positive_int, default=32)
     run.add_argument("--eval_batch_size", type=cli.positive_int, default=64)
-    run.add_argument("--validation_scheduler", default="dpm++", choices=sorted(SCHEDULERS))
-    run.add_argument("--ddpm_num_inference_steps", type=cli.positive_int, default=10, help="sampling steps for samples")
-    run.add_argument("--guidance_scale", type=cli.non_negative_float, default=5.0)
+    run.add_argument("--validation_scheduler", default=DEFAULT_SCHEDULER, choices=sorted(SCHEDULERS))
+    run.add_argument("--ddpm_num_inference_steps", type=cli.positive_int, default=DEFAULT_NUM_INFERENCE_STEPS, help="sampling steps for samples")
+    run.add_argument("--guidance_scale", type=cli.non_negative_float, default=DEFAULT_GUIDANCE_SCALE)
     run.add_argument("--evaluator_checkpoint", help="ResNet18 evaluator ({'model': state_dict}) for accuracy")
 
     hub_args = parser.add_argument_group("Hugging Face Hub")

@@ -26,10 +26,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from atomic_io import atomic_write_text  # noqa: E402
-from evaluate_iclevr import evaluate, generate, load_evaluator, load_pipeline, set_scheduler  # noqa: E402
+from evaluate_iclevr import (  # noqa: E402
+    DEFAULT_NUM_INFERENCE_STEPS,
+    DEFAULT_SCHEDULER,
+    evaluate,
+    generate,
+    load_evaluator,
+    load_pipeline,
+    set_scheduler,
+)
 from iclevr_data import NEW_TEST_JSON, TEST_JSON, default_synthetic_dataset, read_label_sets, read_objects_json  # noqa: E402
 from launch import one_process_training_command  # noqa: E402
-from pipeline_cond_ddpm import multi_hot  # noqa: E402
+from pipeline_cond_ddpm import DEFAULT_GUIDANCE_SCALE, multi_hot  # noqa: E402
 
 SCENES = 5000
 # Every recipe trains at 32x32 on the built-in synthetic set for about an hour on 2 CPU cores; they differ in model,
@@ -65,9 +73,9 @@ def main():
                         help="train for this fraction of the recipe's steps: a cheaper comparison of the recipes")
     parser.add_argument("--evaluator_checkpoint", help="default: train one on the synthetic set first")
     parser.add_argument("--output_dir", help="default: runs/quality-RECIPE")
-    parser.add_argument("--scheduler", default="dpm++")
-    parser.add_argument("--num_inference_steps", type=int, default=10)
-    parser.add_argument("--guidance_scale", type=float, default=5.0)
+    parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER)
+    parser.add_argument("--num_inference_steps", type=int, default=DEFAULT_NUM_INFERENCE_STEPS)
+    parser.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
     args = parser.parse_args()
     if not 0 < args.budget_fraction <= 1:
         parser.error(f"--budget_fraction must be in (0, 1], got {args.budget_fraction}")
