@@ -28,13 +28,14 @@ from huggingface_hub import create_repo, snapshot_download, upload_folder
 PRESETS = {
     # Tests and CPU smoke runs: 0.7M parameters.
     "tiny": dict(block_out_channels=(32, 64), layers_per_block=1, attention_levels=(), cross_attention=False),
-    # The CPU model (resolution 32): 4.1M parameters, attention at 8x8.
+    # Resolution 32 on a CPU: 4.1M parameters, self-attention at 8x8.
     "small": dict(block_out_channels=(32, 64, 128), layers_per_block=2, attention_levels=(2,), cross_attention=False),
     # Cheaper per image (one ResNet block per level, no attention): 2.6M parameters, 1.7x the images/s of small on a CPU.
     "small-fast": dict(block_out_channels=(32, 64, 128), layers_per_block=1, attention_levels=(), cross_attention=False),
-    # small-fast with cross-attention to the object tokens at 8x8: 4.0M parameters, about the images/s of small.
+    # The CPU model (resolution 32; best in the README's hour on a CPU): small-fast with cross-attention to the object
+    # tokens at 8x8, 4.0M parameters, about the images/s of small.
     "small-fast-xattn": dict(block_out_channels=(32, 64, 128), layers_per_block=1, attention_levels=(2,), cross_attention=True),
-    # The small model with cross-attention to the object tokens (the variant compared in the README).
+    # small with cross-attention to the object tokens (a variant compared in the README).
     "small-xattn": dict(block_out_channels=(32, 64, 128), layers_per_block=2, attention_levels=(2,), cross_attention=True),
     # The i-CLEVR GPU model (resolution 64): 78M parameters, attention at 16x16 and 8x8.
     "base": dict(

@@ -46,12 +46,12 @@ COMMON = ["--resolution", "32", "--mixed_precision", "no", "--dataloader_num_wor
           "--lr_warmup_steps", "200", "--save_images_epochs", "1000",
           "--checkpointing_steps", "1000", "--logging_steps", "50"]
 RECIPES = {  # name: (training steps in the hour, flags)
-    "cpu": (3200, ["--preset", "small", "--prediction_type", "v_prediction", "--snr_gamma", "5", "--learning_rate", "2e-3"]),
-    "low-lr": (3200, ["--preset", "small", "--prediction_type", "v_prediction", "--snr_gamma", "5", "--learning_rate", "5e-4"]),
+    "cpu": (3600, ["--preset", "small-fast-xattn", "--prediction_type", "v_prediction", "--snr_gamma", "5",
+                   "--learning_rate", "2e-3"]),
+    "small": (3200, ["--preset", "small", "--prediction_type", "v_prediction", "--snr_gamma", "5", "--learning_rate", "2e-3"]),
     "small-fast": (5400, ["--preset", "small-fast", "--prediction_type", "v_prediction", "--snr_gamma", "5",
                           "--learning_rate", "2e-3"]),
-    "small-fast-xattn": (3600, ["--preset", "small-fast-xattn", "--prediction_type", "v_prediction", "--snr_gamma", "5",
-                                "--learning_rate", "2e-3"]),
+    "low-lr": (3200, ["--preset", "small", "--prediction_type", "v_prediction", "--snr_gamma", "5", "--learning_rate", "5e-4"]),
     "epsilon": (3200, ["--preset", "small", "--prediction_type", "epsilon", "--snr_gamma", "0", "--learning_rate", "5e-4"]),
     # Budgeted at half the steps for half the speed; with both cores it runs at about 0.8x, so this undercounts its hour.
     "cross-attention": (1600, ["--preset", "small-xattn", "--prediction_type", "v_prediction", "--snr_gamma", "5",
