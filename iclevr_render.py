@@ -299,8 +299,13 @@ def _linear_to_srgb(c):
     return _SRGB_TABLE[np.round(np.clip(c, 0.0, 1.0) * (len(_SRGB_TABLE) - 1)).astype(np.intp)]
 
 
-def random_scene(rng: np.random.Generator, class_names: list[str], num_objects: int = 3):
-    """Draw a scene the way CLEVR does: distinct objects, no overlaps, none mostly hidden, slight camera and light jitter."""
+def random_scene(rng: np.random.Generator, class_names: list[str], num_objects: int = 3, names: list[str] | None = None):
+    """Draw a scene the way CLEVR does: distinct objects, no overlaps, none mostly hidden, slight camera and light jitter.
+
+    The objects are `num_objects` distinct ones of `class_names`, or exactly `names` (a label set) when given.
+    """
+    if names is not None and (not names or len(set(names)) != len(names) or not set(names) <= set(class_names)):
+        raise ValueError(f"names must be a non-empty list of distinct objects of class_names, got {names!r}")
     camera = Camera(
         position=np.array([0.0, -7.2, 5.4]) + rng.normal(0.0, 0.15, 3),
         target=np.array([0.0, 0.2, 0.0]),
@@ -313,7 +318,7 @@ def random_scene(rng: np.random.Generator, class_names: list[str], num_objects: 
     )
     while True:
         objects = []
-        for name in rng.choice(class_names, size=num_objects, replace=False):
+        for name in rng.choice(class_names, size=num_objects, replace=False) if names is None else names:
             color, shape = name.split(" ")
             radius = SIZES[rng.choice(list(SIZES))]
             x, y = rng.uniform(-PLACEMENT_RANGE, PLACEMENT_RANGE, 2)

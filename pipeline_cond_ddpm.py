@@ -35,6 +35,10 @@ PRESETS = {
     # The CPU model (resolution 32; best in the README's hour on a CPU): small-fast with cross-attention to the object
     # tokens at 8x8, 4.0M parameters, about the images/s of small.
     "small-fast-xattn": dict(block_out_channels=(32, 64, 128), layers_per_block=1, attention_levels=(2,), cross_attention=True),
+    # small-fast-xattn with cross-attention at 16x16 as well (a variant compared in the README).
+    "small-fast-xattn16": dict(
+        block_out_channels=(32, 64, 128), layers_per_block=1, attention_levels=(1, 2), cross_attention=True
+    ),
     # small with cross-attention to the object tokens (a variant compared in the README).
     "small-xattn": dict(block_out_channels=(32, 64, 128), layers_per_block=2, attention_levels=(2,), cross_attention=True),
     # The i-CLEVR GPU model (resolution 64): 78M parameters, attention at 16x16 and 8x8.

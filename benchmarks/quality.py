@@ -5,10 +5,12 @@ and label sets of three objects that never occur together in the training labels
     python benchmarks/quality.py --recipe epsilon             # a variant, for the comparison table
     python benchmarks/quality.py --recipe epsilon --budget_fraction 0.25   # the same comparison at a quarter of the steps
     python benchmarks/quality.py --quick                      # every step, on a budget of a few minutes
+    python benchmarks/quality.py --score_only --num_inference_steps 25   # re-score the trained `cpu` model
 
 Steps: (1) the built-in synthetic set and an evaluator trained on it (`evaluate_iclevr.py train`), unless
 `--evaluator_checkpoint` is given; (2) `accelerate launch train_conditional_ddpm.py` with the recipe's flags, timed;
-(3) one image per label set, scored by the evaluator, with the recipe's sampler.
+(3) one image per label set, scored by the evaluator, with the recipe's sampler, once per seed: one draw of 32 images
+is noisy (a few objects either way), so the summary is the mean over `--num_seeds` seeds, with each seed's score.
 """
 
 import argparse
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -34,20 +37,34 @@ from evaluate_iclevr import (  # noqa: E402
     load_evaluator,
     load_pipeline,
     set_scheduler,
+    upsample,
 )
-from iclevr_data import NEW_TEST_JSON, TEST_JSON, default_synthetic_dataset, read_label_sets, read_objects_json  # noqa: E402
+from iclevr_data import (  # noqa: E402
+    NEW_TEST_JSON,
+    TEST_JSON,
+    default_synthetic_dataset,
+    read_label_sets,
+    read_objects_json,
+    resize,
+)
+from iclevr_render import random_scene, render_scene  # noqa: E402
 from launch import one_process_training_command  # noqa: E402
 from pipeline_cond_ddpm import DEFAULT_GUIDANCE_SCALE, multi_hot  # noqa: E402
 
 SCENES = 5000
+RESOLUTION = 32
 # Every recipe trains at 32x32 on the built-in synthetic set for about an hour on 2 CPU cores; they differ in model,
 # objective or learning rate. `cpu` is the default the README reports; the others are the variants it is compared with.
-COMMON = ["--resolution", "32", "--mixed_precision", "no", "--dataloader_num_workers", "1", "--train_batch_size", "32",
+COMMON = ["--resolution", str(RESOLUTION), "--mixed_precision", "no", "--dataloader_num_workers", "1", "--train_batch_size", "32",
           "--lr_warmup_steps", "200", "--save_images_epochs", "1000",
           "--checkpointing_steps", "1000", "--logging_steps", "50"]
 RECIPES = {  # name: (training steps in the hour, flags)
     "cpu": (3600, ["--preset", "small-fast-xattn", "--prediction_type", "v_prediction", "--snr_gamma", "5",
                    "--learning_rate", "2e-3"]),
+    "no-min-snr": (3600, ["--preset", "small-fast-xattn", "--prediction_type", "v_prediction", "--snr_gamma", "0",
+                          "--learning_rate", "2e-3"]),
+    "xattn16": (3000, ["--preset", "small-fast-xattn16", "--prediction_type", "v_prediction", "--snr_gamma", "5",
+                       "--learning_rate", "2e-3"]),
     "small": (3200, ["--preset", "small", "--prediction_type", "v_prediction", "--snr_gamma", "5", "--learning_rate", "2e-3"]),
     "small-fast": (5400, ["--preset", "small-fast", "--prediction_type", "v_prediction", "--snr_gamma", "5",
                           "--learning_rate", "2e-3"]),
@@ -69,6 +86,20 @@ def unseen_triples(train_json: Path, class_names: list[str], count: int = 32, se
     return [unseen[i] for i in sorted(np.random.default_rng(seed).choice(len(unseen), count, replace=False))]
 
 
+def rendered_references(label_sets: list[list[str]], class_names: list[str], seed: int) -> torch.Tensor:
+    """The renderer's own scenes of the label sets, brought to 32x32 and up to 64x64 like the models' images.
+
+    Their score is the evaluator's ceiling on these label sets: what a model that drew perfect scenes would get.
+    """
+    images = []
+    for i, label_set in enumerate(label_sets):
+        objects, camera, light = random_scene(np.random.default_rng([seed, i]), class_names, names=label_set)
+        frame = Image.fromarray(render_scene(objects, camera, light)[-1], "RGBA").convert("RGB")
+        pixels = torch.from_numpy(np.array(resize(frame, RESOLUTION))).permute(2, 0, 1)[None] / 255
+        images.append((upsample(pixels) * 255).round().clamp(0, 255).to(torch.uint8))
+    return torch.cat(images)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="cpu", choices=sorted(RECIPES))
@@ -76,6 +107,8 @@ def main():
     parser.add_argument("--budget_fraction", type=float, default=1.0,
                         help="train for this fraction of the recipe's steps: a cheaper comparison of the recipes")
     parser.add_argument("--evaluator_checkpoint", help="default: train one on the synthetic set first")
+    parser.add_argument("--score_only", action="store_true", help="score the pipeline already trained in --output_dir")
+    parser.add_argument("--num_seeds", type=int, default=3, help="score every label file with seeds 0, 1, ...")
     parser.add_argument("--output_dir", help="default: runs/quality-RECIPE")
     parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER)
     parser.add_argument("--num_inference_steps", type=int, default=DEFAULT_NUM_INFERENCE_STEPS)
@@ -83,8 +116,13 @@ def main():
     args = parser.parse_args()
     if not 0 < args.budget_fraction <= 1:
         parser.error(f"--budget_fraction must be in (0, 1], got {args.budget_fraction}")
+    if args.num_seeds < 1:
+        parser.error(f"--num_seeds must be a positive integer, got {args.num_seeds}")
     name = "quick" if args.quick else args.recipe + ("" if args.budget_fraction == 1 else f"-{args.budget_fraction:g}")
     output_dir = Path(args.output_dir or ROOT / "runs" / f"quality-{name}")
+    training_record = output_dir / "training.json"
+    if args.score_only and not training_record.is_file():
+        parser.error(f"--score_only: {output_dir} holds no pipeline trained by this script ({training_record} is missing)")
     scenes = QUICK["scenes"] if args.quick else SCENES
     steps, recipe_flags = RECIPES[args.recipe]
     flags = (COMMON + recipe_flags + ["--max_train_steps", str(round(steps * args.budget_fraction))]
@@ -100,9 +138,13 @@ def main():
     evaluator_record = evaluator_path.with_suffix(".json")
     evaluator_accuracy = json.loads(evaluator_record.read_text())["held_out_accuracy"] if evaluator_record.is_file() else None
 
-    start = time.perf_counter()
-    subprocess.run(one_process_training_command(*flags, "--output_dir", output_dir / "pipeline", "--overwrite_output_dir"), check=True)
-    training_minutes = (time.perf_counter() - start) / 60
+    if not args.score_only:
+        start = time.perf_counter()
+        subprocess.run(one_process_training_command(*flags, "--output_dir", output_dir / "pipeline", "--overwrite_output_dir"),
+                       check=True)
+        training = {"recipe": name, "flags": flags, "training_minutes": (time.perf_counter() - start) / 60}
+        atomic_write_text(training_record, json.dumps(training, indent=2) + "\n")
+    training = json.loads(training_record.read_text())
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipeline = load_pipeline(output_dir / "pipeline", class_names, device)
@@ -110,17 +152,28 @@ def main():
     evaluator = load_evaluator(evaluator_path, len(class_names), device)
     label_files = {"test": read_label_sets(TEST_JSON, class_names), "new_test": read_label_sets(NEW_TEST_JSON, class_names),
                    "unseen_triples": unseen_triples(data / "train.json", class_names)}
-    scores = {}
+    per_seed = {split: [] for split in label_files}
+    renders = {split: [] for split in label_files}
     for split, label_sets in label_files.items():
-        images = generate(pipeline, label_sets, args.num_inference_steps, args.guidance_scale, seed=0)
-        scores[split] = evaluate(evaluator, images, multi_hot(label_sets, class_names))
-    result = {"recipe": name, "flags": flags, "training_minutes": training_minutes,
-              "sampler": f"{args.scheduler}, {args.num_inference_steps} steps, guidance {args.guidance_scale}",
-              "evaluator_held_out_accuracy": evaluator_accuracy, **scores}
-    atomic_write_text(output_dir / "results.json", json.dumps(result, indent=2) + "\n")
-    print("\n| recipe | training minutes | test | new_test | unseen triples | sampler |\n|---|---|---|---|---|---|")
-    print(f"| {result['recipe']} | {training_minutes:.1f} | {scores['test']:.3f} | {scores['new_test']:.3f} "
-          f"| {scores['unseen_triples']:.3f} | {result['sampler']} |")
+        labels = multi_hot(label_sets, class_names)
+        for seed in range(args.num_seeds):
+            images = generate(pipeline, label_sets, args.num_inference_steps, args.guidance_scale, seed=seed)
+            per_seed[split].append(evaluate(evaluator, images, labels))
+            renders[split].append(evaluate(evaluator, rendered_references(label_sets, class_names, seed), labels))
+    scores = {split: float(np.mean(values)) for split, values in per_seed.items()}
+    sampler = f"{args.scheduler}, {args.num_inference_steps} steps, guidance {args.guidance_scale:g}"
+    result = {**training, "sampler": sampler, "seeds": args.num_seeds, "evaluator_held_out_accuracy": evaluator_accuracy,
+              **scores, "per_seed": per_seed, "rendered_references": renders}
+    tag = f"{args.scheduler}-{args.num_inference_steps}-guidance{args.guidance_scale:g}"
+    atomic_write_text(output_dir / f"results-{tag}.json", json.dumps(result, indent=2) + "\n")
+
+    def cells(scores_per_seed):
+        return " | ".join(f"{np.mean(v):.3f} ({', '.join(f'{x:.3f}' for x in v)})" for v in scores_per_seed.values())
+
+    print(f"\n| images | training minutes | test | new_test | unseen triples | sampler |  (mean of {args.num_seeds} seeds; "
+          "each seed's in brackets)\n|---|---|---|---|---|---|")
+    print(f"| {training['recipe']} | {training['training_minutes']:.1f} | {cells(per_seed)} | {sampler} |")
+    print(f"| the renderer's own scenes (the evaluator's ceiling) | | {cells(renders)} | |")
 
 
 if __name__ == "__main__":

@@ -73,6 +73,17 @@ def test_every_colour_and_shape_renders_distinguishably(class_names):
             assert np.abs(images[a] - images[b]).mean() > 0.5, (a, b)
 
 
+def test_a_scene_of_given_objects_holds_exactly_them(class_names):
+    """The renderer draws a label set (e.g. of new_test.json), not just random objects; bad label sets are refused."""
+    names = ["red cube", "red sphere", "gray cylinder"]
+    objects, camera, light = random_scene(np.random.default_rng(0), class_names, names=names)
+    assert [obj.name for obj in objects] == names
+    assert len(render_scene(objects, camera, light)) == 3
+    for bad in ([], ["red cube", "red cube"], ["pink cube"]):
+        with pytest.raises(ValueError, match="distinct objects of class_names"):
+            random_scene(np.random.default_rng(0), class_names, names=bad)
+
+
 def test_loader_gives_normalised_images_and_multi_hot_labels(synthetic_dir, class_names):
     dataset = load_iclevr_dataset(synthetic_dir / "images", synthetic_dir / "train.json", resolution=32)
     train = json.loads((synthetic_dir / "train.json").read_text())
