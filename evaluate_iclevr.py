@@ -100,6 +100,11 @@ def upsample(images: torch.Tensor) -> torch.Tensor:
     return F.interpolate(images, size=EVALUATOR_RESOLUTION, mode="bilinear", align_corners=False)
 
 
+def to_evaluator_pixels(images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] at the model's resolution -> 8-bit (B, 3, 64, 64), as the 64x64 PNGs hold them."""
+    return (upsample(images) * 255).round().clamp(0, 255).to(torch.uint8)
+
+
 @torch.no_grad()
 def evaluate(evaluator: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
     """Accuracy of 8-bit images (B, 3, 64, 64) against multi-hot labels."""
@@ -144,7 +149,7 @@ def generate(pipeline, label_sets, num_inference_steps, guidance_scale, seed=0, 
         ).images
         # Quantise where the pipeline's PNGs would, then upsample and quantise again for the 64x64 files.
         images = (images.float() * 255).round() / 255
-        chunks.append((upsample(images.cpu()) * 255).round().clamp(0, 255).to(torch.uint8))
+        chunks.append(to_evaluator_pixels(images.cpu()))
     return torch.cat(chunks)
 
 

@@ -28,6 +28,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import cli  # noqa: E402
 from atomic_io import atomic_write_text  # noqa: E402
 from evaluate_iclevr import (  # noqa: E402
     DEFAULT_NUM_INFERENCE_STEPS,
@@ -37,7 +38,7 @@ from evaluate_iclevr import (  # noqa: E402
     load_evaluator,
     load_pipeline,
     set_scheduler,
-    upsample,
+    to_evaluator_pixels,
 )
 from iclevr_data import (  # noqa: E402
     NEW_TEST_JSON,
@@ -96,7 +97,7 @@ def rendered_references(label_sets: list[list[str]], class_names: list[str], see
         objects, camera, light = random_scene(np.random.default_rng([seed, i]), class_names, names=label_set)
         frame = Image.fromarray(render_scene(objects, camera, light)[-1], "RGBA").convert("RGB")
         pixels = torch.from_numpy(np.array(resize(frame, RESOLUTION))).permute(2, 0, 1)[None] / 255
-        images.append((upsample(pixels) * 255).round().clamp(0, 255).to(torch.uint8))
+        images.append(to_evaluator_pixels(pixels))
     return torch.cat(images)
 
 
@@ -108,7 +109,7 @@ def main():
                         help="train for this fraction of the recipe's steps: a cheaper comparison of the recipes")
     parser.add_argument("--evaluator_checkpoint", help="default: train one on the synthetic set first")
     parser.add_argument("--score_only", action="store_true", help="score the pipeline already trained in --output_dir")
-    parser.add_argument("--num_seeds", type=int, default=3, help="score every label file with seeds 0, 1, ...")
+    parser.add_argument("--num_seeds", type=cli.positive_int, default=3, help="score every label file with seeds 0, 1, ...")
     parser.add_argument("--output_dir", help="default: runs/quality-RECIPE")
     parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER)
     parser.add_argument("--num_inference_steps", type=int, default=DEFAULT_NUM_INFERENCE_STEPS)
@@ -116,8 +117,6 @@ def main():
     args = parser.parse_args()
     if not 0 < args.budget_fraction <= 1:
         parser.error(f"--budget_fraction must be in (0, 1], got {args.budget_fraction}")
-    if args.num_seeds < 1:
-        parser.error(f"--num_seeds must be a positive integer, got {args.num_seeds}")
     name = "quick" if args.quick else args.recipe + ("" if args.budget_fraction == 1 else f"-{args.budget_fraction:g}")
     output_dir = Path(args.output_dir or ROOT / "runs" / f"quality-{name}")
     training_record = output_dir / "training.json"
