@@ -32,9 +32,13 @@ PRESETS = {
     "small": dict(block_out_channels=(32, 64, 128), layers_per_block=2, attention_levels=(2,), cross_attention=False),
     # Cheaper per image (one ResNet block per level, no attention): 2.6M parameters, 1.7x the images/s of small on a CPU.
     "small-fast": dict(block_out_channels=(32, 64, 128), layers_per_block=1, attention_levels=(), cross_attention=False),
-    # The CPU model (resolution 32; best in the README's hour on a CPU): small-fast with cross-attention to the object
-    # tokens at 8x8, 4.0M parameters, about the images/s of small.
+    # small-fast with cross-attention to the object tokens at 8x8: 4.0M parameters, about the images/s of small.
     "small-fast-xattn": dict(block_out_channels=(32, 64, 128), layers_per_block=1, attention_levels=(2,), cross_attention=True),
+    # The CPU model (resolution 32; best in the README's hour on a CPU): small-fast-xattn whose object tokens share a
+    # vector per word of the names ("red", "cube"), same size and speed.
+    "small-fast-xattn-words": dict(
+        block_out_channels=(32, 64, 128), layers_per_block=1, attention_levels=(2,), cross_attention=True, shared_words=True
+    ),
     # small-fast-xattn with cross-attention at 16x16 as well (a variant compared in the README).
     "small-fast-xattn16": dict(
         block_out_channels=(32, 64, 128), layers_per_block=1, attention_levels=(1, 2), cross_attention=True
@@ -108,22 +112,40 @@ class LabelEmbedding(ModelMixin, ConfigMixin):
     Each object has a learned vector; a label set is the sum of its objects' vectors, passed through an MLP and
     added to the UNet's time embedding, so it reaches every resolution. The empty (all-zero) label set, the "null"
     condition of classifier-free guidance, has its own learned vector. With `cross_attention_dim`, the module also
-    hands the UNet one token per present object (plus the null token, so no row attends to nothing).
+    hands the UNet one token per present object (plus the null token, so no row attends to nothing). With
+    `shared_words`, an object's token is its own vector plus one vector per word of its name ("red", "cube"): objects
+    that share a colour or a shape share part of their token, so what is learned about one carries to the others.
 
     Args:
         class_names (`list[str]`): the vocabulary, in objects.json index order.
         embedding_dim (`int`): width of the UNet's time embedding.
         cross_attention_dim (`int`, *optional*): width of the object tokens; `None` for a `UNet2DModel`.
+        shared_words (`bool`, *optional*, defaults to `False`): build the object tokens from the words of the names.
     """
 
     @register_to_config
-    def __init__(self, class_names: list[str], embedding_dim: int, cross_attention_dim: int | None = None):
+    def __init__(
+        self,
+        class_names: list[str],
+        embedding_dim: int,
+        cross_attention_dim: int | None = None,
+        shared_words: bool = False,
+    ):
         super().__init__()
+        if shared_words and cross_attention_dim is None:
+            raise ValueError("shared_words=True builds the object tokens of cross-attention, so it needs a cross_attention_dim, got None")
         self.objects = nn.Embedding(len(class_names), embedding_dim)
         self.null = nn.Parameter(torch.randn(embedding_dim) * 0.02)
         self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(embedding_dim, embedding_dim))
         if cross_attention_dim is not None:
             self.object_tokens = nn.Embedding(len(class_names) + 1, cross_attention_dim)  # the last row is null
+        if shared_words:
+            words = sorted({word for name in class_names for word in name.split()})
+            name_words = torch.zeros(len(class_names) + 1, len(words))  # the null token has no words
+            for row, name in enumerate(class_names):
+                name_words[row, [words.index(word) for word in name.split()]] = 1
+            self.register_buffer("name_words", name_words, persistent=False)
+            self.word_tokens = nn.Embedding(len(words), cross_attention_dim)
 
     def forward(self, multi_hot_labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Return the keyword arguments for the UNet's forward call."""
@@ -133,7 +155,10 @@ class LabelEmbedding(ModelMixin, ConfigMixin):
         conditioning = {"class_labels": self.mlp(torch.where(is_null, self.null, summed))}
         if self.config.cross_attention_dim is not None:
             batch = labels.shape[0]
-            conditioning["encoder_hidden_states"] = self.object_tokens.weight.expand(batch, -1, -1)
+            tokens = self.object_tokens.weight
+            if self.config.shared_words:
+                tokens = tokens + self.name_words @ self.word_tokens.weight
+            conditioning["encoder_hidden_states"] = tokens.expand(batch, -1, -1)
             conditioning["encoder_attention_mask"] = torch.cat([labels, torch.ones_like(labels[:, :1])], dim=1)
         return conditioning
 
@@ -212,6 +237,7 @@ class CondDDPMPipeline(DiffusionPipeline):
             class_names=list(class_names),
             embedding_dim=channels[0] * 4,
             cross_attention_dim=channels[-1] if preset["cross_attention"] else None,
+            shared_words=preset.get("shared_words", False),
         )
         scheduler = DDPMScheduler(
             num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, prediction_type=prediction_type

@@ -60,8 +60,12 @@ COMMON = ["--resolution", str(RESOLUTION), "--mixed_precision", "no", "--dataloa
           "--lr_warmup_steps", "200", "--save_images_epochs", "1000",
           "--checkpointing_steps", "1000", "--logging_steps", "50"]
 RECIPES = {  # name: (training steps in the hour, flags)
-    "cpu": (3600, ["--preset", "small-fast-xattn", "--prediction_type", "v_prediction", "--snr_gamma", "5",
+    "cpu": (3600, ["--preset", "small-fast-xattn-words", "--prediction_type", "v_prediction", "--snr_gamma", "5",
                    "--learning_rate", "2e-3"]),
+    "xattn": (3600, ["--preset", "small-fast-xattn", "--prediction_type", "v_prediction", "--snr_gamma", "5",
+                     "--learning_rate", "2e-3"]),
+    "high-lr": (3600, ["--preset", "small-fast-xattn", "--prediction_type", "v_prediction", "--snr_gamma", "5",
+                       "--learning_rate", "3e-3"]),
     "no-min-snr": (3600, ["--preset", "small-fast-xattn", "--prediction_type", "v_prediction", "--snr_gamma", "0",
                           "--learning_rate", "2e-3"]),
     "xattn16": (3000, ["--preset", "small-fast-xattn16", "--prediction_type", "v_prediction", "--snr_gamma", "5",

@@ -167,6 +167,33 @@ def test_cross_attention_variant_attends_to_object_tokens(class_names):
     assert not torch.equal(red_cube, generate(pipeline, [["blue sphere"]]))
 
 
+def test_shared_word_tokens_tie_objects_that_share_a_word(class_names, tmp_path):
+    torch.manual_seed(0)
+    pipeline = CondDDPMPipeline.from_preset("small-fast-xattn-words", class_names, resolution=16)
+    embedding = pipeline.label_embedding
+    with torch.no_grad():
+        embedding.object_tokens.weight.zero_()  # what is left of each token is the sum of its words' vectors
+    tokens = embedding(torch.zeros(1, 24))["encoder_hidden_states"][0]
+    token = dict(zip(class_names, tokens[:-1], strict=True))
+    assert torch.allclose(token["red cube"] - token["red sphere"], token["blue cube"] - token["blue sphere"], atol=1e-6)
+    assert torch.allclose(token["red cube"] - token["blue cube"], token["red cylinder"] - token["blue cylinder"], atol=1e-6)
+    assert not torch.allclose(token["red cube"], token["red sphere"])
+    assert tokens[-1].abs().sum() == 0  # the null token has no words
+    tokens.sum().backward()
+    assert embedding.word_tokens.weight.grad.abs().sum(dim=1).gt(0).all()
+
+    pipeline.save_pretrained(tmp_path)
+    loaded = CondDDPMPipeline.from_pretrained(tmp_path).label_embedding
+    assert loaded.config.shared_words
+    labels = multi_hot([["red cube", "red sphere"]], class_names)
+    assert torch.equal(loaded(labels)["encoder_hidden_states"], embedding(labels)["encoder_hidden_states"])
+
+
+def test_shared_words_need_cross_attention(class_names):
+    with pytest.raises(ValueError, match="shared_words=True builds the object tokens of cross-attention, so it needs a cross_attention_dim, got None"):
+        LabelEmbedding(class_names, embedding_dim=32, shared_words=True)
+
+
 # --- Bad input -----------------------------------------------------------------------------------------------------
 
 
@@ -209,7 +236,7 @@ def test_bad_call_arguments_are_refused_clearly(tiny_pipeline, kwargs, message):
     [
         ("base", 60, "resolution 60 does not suit the 'base' UNet: it halves the image 3 times, so the resolution must be a positive multiple of 8"),
         ("tiny", 0, "resolution 0"),
-        ("huge", 64, "unknown preset 'huge'; choose one of tiny, small, small-fast, small-fast-xattn, small-fast-xattn16, small-xattn, base"),
+        ("huge", 64, "unknown preset 'huge'; choose one of tiny, small, small-fast, small-fast-xattn, small-fast-xattn-words, small-fast-xattn16, small-xattn, base"),
     ],
 )
 def test_bad_presets_and_resolutions_are_refused_clearly(class_names, preset, resolution, message):
