@@ -59,27 +59,27 @@ RESOLUTION = 32
 COMMON = ["--resolution", str(RESOLUTION), "--mixed_precision", "no", "--dataloader_num_workers", "1", "--train_batch_size", "32",
           "--lr_warmup_steps", "200", "--save_images_epochs", "1000",
           "--checkpointing_steps", "1000", "--logging_steps", "50"]
-CPU_FLAGS = ["--preset", "small-fast-xattn-words", "--prediction_type", "v_prediction", "--snr_gamma", "5",
-             "--learning_rate", "2e-3"]
+
+
+def training_flags(preset, learning_rate="2e-3", snr_gamma="5", prediction_type="v_prediction"):
+    """A recipe's training flags; the defaults are the `cpu` recipe's, so each recipe names only what it changes."""
+    return ["--preset", preset, "--prediction_type", prediction_type, "--snr_gamma", snr_gamma,
+            "--learning_rate", learning_rate]
+
+
 RECIPES = {  # name: (training steps in the hour, flags)
-    "cpu": (3600, CPU_FLAGS),
-    "long": (4800, CPU_FLAGS),  # the hour's 60 minutes almost in full: do more steps pay?
-    "xattn": (3600, ["--preset", "small-fast-xattn", "--prediction_type", "v_prediction", "--snr_gamma", "5",
-                     "--learning_rate", "2e-3"]),
-    "high-lr": (3600, ["--preset", "small-fast-xattn", "--prediction_type", "v_prediction", "--snr_gamma", "5",
-                       "--learning_rate", "3e-3"]),
-    "no-min-snr": (3600, ["--preset", "small-fast-xattn", "--prediction_type", "v_prediction", "--snr_gamma", "0",
-                          "--learning_rate", "2e-3"]),
-    "xattn16": (3000, ["--preset", "small-fast-xattn16", "--prediction_type", "v_prediction", "--snr_gamma", "5",
-                       "--learning_rate", "2e-3"]),
-    "small": (3200, ["--preset", "small", "--prediction_type", "v_prediction", "--snr_gamma", "5", "--learning_rate", "2e-3"]),
-    "small-fast": (5400, ["--preset", "small-fast", "--prediction_type", "v_prediction", "--snr_gamma", "5",
-                          "--learning_rate", "2e-3"]),
-    "low-lr": (3200, ["--preset", "small", "--prediction_type", "v_prediction", "--snr_gamma", "5", "--learning_rate", "5e-4"]),
-    "epsilon": (3200, ["--preset", "small", "--prediction_type", "epsilon", "--snr_gamma", "0", "--learning_rate", "5e-4"]),
+    "cpu": (3600, training_flags("small-fast-xattn-words")),
+    "long": (4800, training_flags("small-fast-xattn-words")),  # the hour's 60 minutes almost in full: do more steps pay?
+    "xattn": (3600, training_flags("small-fast-xattn")),
+    "high-lr": (3600, training_flags("small-fast-xattn", learning_rate="3e-3")),
+    "no-min-snr": (3600, training_flags("small-fast-xattn", snr_gamma="0")),
+    "xattn16": (3000, training_flags("small-fast-xattn16")),
+    "small": (3200, training_flags("small")),
+    "small-fast": (5400, training_flags("small-fast")),
+    "low-lr": (3200, training_flags("small", learning_rate="5e-4")),
+    "epsilon": (3200, training_flags("small", learning_rate="5e-4", snr_gamma="0", prediction_type="epsilon")),
     # Budgeted at half the steps for half the speed; with both cores it runs at about 0.8x, so this undercounts its hour.
-    "cross-attention": (1600, ["--preset", "small-xattn", "--prediction_type", "v_prediction", "--snr_gamma", "5",
-                               "--learning_rate", "5e-4"]),
+    "cross-attention": (1600, training_flags("small-xattn", learning_rate="5e-4")),
 }
 QUICK = {"scenes": 300, "flags": ["--preset", "tiny", "--max_train_steps", "60", "--lr_warmup_steps", "10", "--logging_steps", "20"]}
 
