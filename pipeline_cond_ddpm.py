@@ -45,6 +45,10 @@ PRESETS = {
     ),
     # small with cross-attention to the object tokens (a variant compared in the README).
     "small-xattn": dict(block_out_channels=(32, 64, 128), layers_per_block=2, attention_levels=(2,), cross_attention=True),
+    # small-xattn with shared words: small-fast-xattn-words with two ResNet blocks per level (a variant compared in the README).
+    "small-xattn-words": dict(
+        block_out_channels=(32, 64, 128), layers_per_block=2, attention_levels=(2,), cross_attention=True, shared_words=True
+    ),
     # The i-CLEVR GPU model (resolution 64): 78M parameters, attention at 16x16 and 8x8.
     "base": dict(
         block_out_channels=(128, 256, 256, 512), layers_per_block=2, attention_levels=(2, 3), cross_attention=False

@@ -28,7 +28,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel, compute_snr
+from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling, compute_snr
 from torch import nn
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
@@ -373,7 +373,7 @@ def main(args):
                 flip = torch.rand(len(images), 1, 1, 1, device=images.device) < 0.5
                 images = torch.where(flip, images.flip(-1), images)
             noise = torch.randn_like(images)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(images),), device=images.device)
+            timesteps = sample_timesteps(args, len(images), noise_scheduler.config.num_train_timesteps, images.device)
             noisy_images = noise_scheduler.add_noise(images, noise, timesteps)
             # Classifier-free guidance: sometimes train on the null (all-zero) label.
             keep = torch.rand(len(labels), 1, device=labels.device) >= args.condition_dropout
@@ -468,6 +468,17 @@ def main(args):
     progress.close()
     accelerator.end_training()
     return output_dir
+
+
+def sample_timesteps(args, batch_size, num_train_timesteps, device):
+    """Uniform, as in DDPM; or logit-normal (SD3, Esser et al. 2024), which trains the middle of the schedule more
+    often and, with a positive --logit_mean, the noisier half, where the scene's layout is decided."""
+    if args.timestep_sampling == "uniform":
+        return torch.randint(0, num_train_timesteps, (batch_size,), device=device)
+    u = compute_density_for_timestep_sampling(
+        "logit_normal", batch_size, logit_mean=args.logit_mean, logit_std=args.logit_std, device=device
+    )
+    return (u * num_train_timesteps).long().clamp(max=num_train_timesteps - 1)
 
 
 @contextmanager
@@ -570,6 +581,9 @@ def parse_args(argv=None):
     model.add_argument("--prediction_type", default="v_prediction", choices=["epsilon", "v_prediction"])
     model.add_argument("--condition_dropout", type=cli.probability, default=0.1, help="how often to train on the null label")
     model.add_argument("--snr_gamma", type=cli.non_negative_float, default=5.0, help="min-SNR loss weighting; 0 turns it off")
+    model.add_argument("--timestep_sampling", default="uniform", choices=["uniform", "logit_normal"])
+    model.add_argument("--logit_mean", type=float, default=0.0, help="logit-normal timesteps: > 0 trains noisier ones more")
+    model.add_argument("--logit_std", type=cli.positive_float, default=1.0, help="logit-normal timesteps: the spread")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--train_batch_size", type=cli.positive_int, default=64, help="per process")

@@ -6,7 +6,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UNet2DModel
 from PIL import Image
 
-from pipeline_cond_ddpm import CondDDPMPipeline, LabelEmbedding, multi_hot
+from pipeline_cond_ddpm import PRESETS, CondDDPMPipeline, LabelEmbedding, multi_hot
 
 
 def generate(pipeline, labels, seed=0, **kwargs):
@@ -236,7 +236,7 @@ def test_bad_call_arguments_are_refused_clearly(tiny_pipeline, kwargs, message):
     [
         ("base", 60, "resolution 60 does not suit the 'base' UNet: it halves the image 3 times, so the resolution must be a positive multiple of 8"),
         ("tiny", 0, "resolution 0"),
-        ("huge", 64, "unknown preset 'huge'; choose one of tiny, small, small-fast, small-fast-xattn, small-fast-xattn-words, small-fast-xattn16, small-xattn, base"),
+        ("huge", 64, "unknown preset 'huge'; choose one of " + ", ".join(PRESETS)),
     ],
 )
 def test_bad_presets_and_resolutions_are_refused_clearly(class_names, preset, resolution, message):

@@ -100,3 +100,15 @@ def test_idle_cpu_cores_are_pointed_out(monkeypatch, caplog, threads, warned):
     with caplog.at_level(logging.WARNING):
         train_conditional_ddpm.check_cpu_threads(SimpleNamespace(device=torch.device("cpu"), num_processes=1))
     assert ("--num_cpu_threads_per_process 4" in caplog.text) == warned
+
+
+def test_logit_normal_timesteps_stay_in_the_schedule_and_lean_noisier_with_a_positive_mean():
+    from train_conditional_ddpm import sample_timesteps
+
+    torch.manual_seed(0)
+    uniform = sample_timesteps(SimpleNamespace(timestep_sampling="uniform"), 4096, 1000, "cpu")
+    leaning = sample_timesteps(SimpleNamespace(timestep_sampling="logit_normal", logit_mean=0.5, logit_std=1.0), 4096, 1000, "cpu")
+    for timesteps in (uniform, leaning):
+        assert timesteps.dtype == torch.long and 0 <= timesteps.min() and timesteps.max() <= 999
+    assert 450 < uniform.float().median() < 550
+    assert leaning.float().median() > 580  # sigmoid(0.5) = 0.62 of the schedule
