@@ -5,6 +5,7 @@ non-zero exit code, never with a traceback from deep inside a library.
 """
 
 import argparse
+import math
 import sys
 
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
@@ -28,6 +29,7 @@ positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
 non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = _checked(float, lambda v: v > 0, "a positive number")
 non_negative_float = _checked(float, lambda v: v >= 0, "a number >= 0")
+finite_float = _checked(float, math.isfinite, "a finite number")
 probability = _checked(float, lambda v: 0 <= v < 1, "a probability in [0, 1)")
 
 

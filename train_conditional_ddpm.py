@@ -582,7 +582,7 @@ def parse_args(argv=None):
     model.add_argument("--condition_dropout", type=cli.probability, default=0.1, help="how often to train on the null label")
     model.add_argument("--snr_gamma", type=cli.non_negative_float, default=5.0, help="min-SNR loss weighting; 0 turns it off")
     model.add_argument("--timestep_sampling", default="uniform", choices=["uniform", "logit_normal"])
-    model.add_argument("--logit_mean", type=float, default=0.0, help="logit-normal timesteps: > 0 trains noisier ones more")
+    model.add_argument("--logit_mean", type=cli.finite_float, default=0.0, help="logit-normal timesteps: > 0 trains noisier ones more")
     model.add_argument("--logit_std", type=cli.positive_float, default=1.0, help="logit-normal timesteps: the spread")
 
     optim = parser.add_argument_group("optimisation")
