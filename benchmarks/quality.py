@@ -61,17 +61,17 @@ COMMON = ["--resolution", str(RESOLUTION), "--mixed_precision", "no", "--dataloa
           "--checkpointing_steps", "1000", "--logging_steps", "50"]
 
 
-def training_flags(preset, learning_rate="2e-3", snr_gamma="5", prediction_type="v_prediction"):
+def training_flags(preset="small-fast-xattn-words", learning_rate="2e-3", snr_gamma="5", prediction_type="v_prediction"):
     """A recipe's training flags; the defaults are the `cpu` recipe's, so each recipe names only what it changes."""
     return ["--preset", preset, "--prediction_type", prediction_type, "--snr_gamma", snr_gamma,
             "--learning_rate", learning_rate]
 
 
 RECIPES = {  # name: (training steps in the hour, flags)
-    "cpu": (3600, training_flags("small-fast-xattn-words")),
-    "long": (4800, training_flags("small-fast-xattn-words")),  # the hour's 60 minutes almost in full: do more steps pay?
+    "cpu": (3600, training_flags()),
+    "long": (4800, training_flags()),  # the hour's 60 minutes almost in full: do more steps pay?
     # Logit-normal timesteps centred on the noisier half, where new_test.json's same-coloured pairs merge or lose a shape.
-    "high-noise": (3600, training_flags("small-fast-xattn-words") + ["--timestep_sampling", "logit_normal", "--logit_mean", "0.5"]),
+    "high-noise": (3600, training_flags() + ["--timestep_sampling", "logit_normal", "--logit_mean", "0.5"]),
     "deeper": (2900, training_flags("small-xattn-words")),  # two ResNet blocks per level: fewer steps, more capacity
     "xattn": (3600, training_flags("small-fast-xattn")),
     "high-lr": (3600, training_flags("small-fast-xattn", learning_rate="3e-3")),
