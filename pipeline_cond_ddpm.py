@@ -39,6 +39,12 @@ PRESETS = {
     "small-fast-xattn-words": dict(
         block_out_channels=(32, 64, 128), layers_per_block=1, attention_levels=(2,), cross_attention=True, shared_words=True
     ),
+    # small-fast-xattn-words with two transformer layers (self- and cross-attention) at 8x8 and in the middle, where
+    # objects that share a colour must be told apart: 5.4M parameters, 0.8x the images/s (a variant compared in the README).
+    "small-fast-xattn2-words": dict(
+        block_out_channels=(32, 64, 128), layers_per_block=1, attention_levels=(2,), cross_attention=True, shared_words=True,
+        transformer_layers=2,
+    ),
     # small-fast-xattn with cross-attention at 16x16 as well (a variant compared in the README).
     "small-fast-xattn16": dict(
         block_out_channels=(32, 64, 128), layers_per_block=1, attention_levels=(1, 2), cross_attention=True
@@ -222,6 +228,7 @@ class CondDDPMPipeline(DiffusionPipeline):
                 mid_block_type="UNetMidBlock2DCrossAttn",
                 up_block_types=["CrossAttnUpBlock2D" if i in attention else "UpBlock2D" for i in reversed(range(levels))],
                 cross_attention_dim=channels[-1],
+                transformer_layers_per_block=preset.get("transformer_layers", 1),
                 attention_head_dim=8,
                 class_embed_type="identity",
                 resnet_time_scale_shift="scale_shift",

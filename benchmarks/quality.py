@@ -72,7 +72,10 @@ RECIPES = {  # name: (training steps in the hour, flags)
     "long": (4800, training_flags()),  # the hour's 60 minutes almost in full: do more steps pay?
     # Logit-normal timesteps centred on the noisier half, where new_test.json's same-coloured pairs merge or lose a shape.
     "high-noise": (3600, training_flags() + ["--timestep_sampling", "logit_normal", "--logit_mean", "0.5"]),
+    "low-noise": (3600, training_flags() + ["--timestep_sampling", "logit_normal", "--logit_mean", "-0.5"]),  # the other way
     "deeper": (2900, training_flags("small-xattn-words")),  # two ResNet blocks per level: fewer steps, more capacity
+    # Two transformer layers at 8x8: new_test.json's misses are mostly same-coloured objects drawn with one shape.
+    "xattn-layers2": (3600, training_flags("small-fast-xattn2-words")),
     "xattn": (3600, training_flags("small-fast-xattn")),
     "high-lr": (3600, training_flags("small-fast-xattn", learning_rate="3e-3")),
     "no-min-snr": (3600, training_flags("small-fast-xattn", snr_gamma="0")),

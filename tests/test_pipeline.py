@@ -189,6 +189,16 @@ def test_shared_word_tokens_tie_objects_that_share_a_word(class_names, tmp_path)
     assert torch.equal(loaded(labels)["encoder_hidden_states"], embedding(labels)["encoder_hidden_states"])
 
 
+def test_transformer_layers_deepen_only_the_attention(class_names):
+    def layers_per_attention(preset):
+        unet = CondDDPMPipeline.from_preset(preset, class_names, resolution=16).unet
+        blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+        return [len(a.transformer_blocks) for b in blocks for a in getattr(b, "attentions", [])]
+
+    one, two = layers_per_attention("small-fast-xattn-words"), layers_per_attention("small-fast-xattn2-words")
+    assert set(one) == {1} and set(two) == {2} and len(one) == len(two)
+
+
 def test_shared_words_need_cross_attention(class_names):
     with pytest.raises(ValueError, match="shared_words=True builds the object tokens of cross-attention, so it needs a cross_attention_dim, got None"):
         LabelEmbedding(class_names, embedding_dim=32, shared_words=True)
