@@ -190,13 +190,15 @@ def test_shared_word_tokens_tie_objects_that_share_a_word(class_names, tmp_path)
 
 
 def test_transformer_layers_deepen_only_the_attention(class_names):
-    def layers_per_attention(preset):
+    def layers(preset):
         unet = CondDDPMPipeline.from_preset(preset, class_names, resolution=16).unet
         blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
-        return [len(a.transformer_blocks) for b in blocks for a in getattr(b, "attentions", [])]
+        transformer_layers = [len(a.transformer_blocks) for b in blocks for a in getattr(b, "attentions", [])]
+        return transformer_layers, sum(len(b.resnets) for b in blocks)
 
-    one, two = layers_per_attention("small-fast-xattn-words"), layers_per_attention("small-fast-xattn2-words")
+    (one, resnets), (two, same_resnets) = layers("small-fast-xattn-words"), layers("small-fast-xattn2-words")
     assert set(one) == {1} and set(two) == {2} and len(one) == len(two)
+    assert resnets == same_resnets
 
 
 def test_shared_words_need_cross_attention(class_names):
