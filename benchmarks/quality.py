@@ -61,18 +61,21 @@ COMMON = ["--resolution", str(RESOLUTION), "--mixed_precision", "no", "--dataloa
           "--checkpointing_steps", "1000", "--logging_steps", "50"]
 
 
-def training_flags(preset="small-fast-xattn-words", learning_rate="2e-3", snr_gamma="5", prediction_type="v_prediction"):
-    """A recipe's training flags; the defaults are the `cpu` recipe's, so each recipe names only what it changes."""
-    return ["--preset", preset, "--prediction_type", prediction_type, "--snr_gamma", snr_gamma,
-            "--learning_rate", learning_rate]
+def training_flags(preset="small-fast-xattn-words", learning_rate="2e-3", snr_gamma="5", prediction_type="v_prediction",
+                   logit_mean=None):
+    """A recipe's training flags; the defaults are the `cpu` recipe's, so each recipe names only what it changes.
+    A `logit_mean` draws the timesteps logit-normal around it instead of uniformly."""
+    flags = ["--preset", preset, "--prediction_type", prediction_type, "--snr_gamma", snr_gamma,
+             "--learning_rate", learning_rate]
+    return flags if logit_mean is None else flags + ["--timestep_sampling", "logit_normal", "--logit_mean", logit_mean]
 
 
 RECIPES = {  # name: (training steps in the hour, flags)
     "cpu": (3600, training_flags()),
     "long": (4800, training_flags()),  # the hour's 60 minutes almost in full: do more steps pay?
     # Logit-normal timesteps centred on the noisier half, where new_test.json's same-coloured pairs merge or lose a shape.
-    "high-noise": (3600, training_flags() + ["--timestep_sampling", "logit_normal", "--logit_mean", "0.5"]),
-    "low-noise": (3600, training_flags() + ["--timestep_sampling", "logit_normal", "--logit_mean", "-0.5"]),  # the other way
+    "high-noise": (3600, training_flags(logit_mean="0.5")),
+    "low-noise": (3600, training_flags(logit_mean="-0.5")),  # the other way
     "deeper": (2900, training_flags("small-xattn-words")),  # two ResNet blocks per level: fewer steps, more capacity
     # Two transformer layers at 8x8: new_test.json's misses are mostly same-coloured objects drawn with one shape.
     "xattn-layers2": (3600, training_flags("small-fast-xattn2-words")),
