@@ -604,7 +604,8 @@ def parse_args(argv=None):
     optim.add_argument("--ema_max_decay", type=float, default=0.9999)
     optim.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="default: the accelerate config's")
     optim.add_argument("--compile", action="store_true", help="torch.compile the model")
-    optim.add_argument("--seed", type=int, default=0)
+    optim.add_argument("--seed", type=int, default=0,
+                       help="seeds the weights, noise and data order; without a dataset, also which built-in synthetic set is rendered")
 
     run = parser.add_argument_group("checkpoints, logging, samples")
     run.add_argument("--output_dir", default="cond-ddpm-iclevr")
