@@ -34,6 +34,7 @@ from atomic_io import atomic_write_text  # noqa: E402
 from evaluate_iclevr import (  # noqa: E402
     DEFAULT_NUM_INFERENCE_STEPS,
     DEFAULT_SCHEDULER,
+    SCHEDULERS,
     evaluate,
     generate,
     load_evaluator,
@@ -129,7 +130,7 @@ def main():
     parser.add_argument("--score_only", action="store_true", help="score the pipeline already trained in --output_dir")
     parser.add_argument("--num_seeds", type=cli.positive_int, default=3, help="score every label file with seeds 0, 1, ...")
     parser.add_argument("--output_dir", help="default: runs/quality-RECIPE")
-    parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER)
+    parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=sorted(SCHEDULERS))
     parser.add_argument("--num_inference_steps", type=int, default=DEFAULT_NUM_INFERENCE_STEPS)
     parser.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
     args = parser.parse_args()

@@ -9,7 +9,7 @@ from PIL import Image
 from torch import nn
 from torchvision.models import resnet18
 
-from evaluate_iclevr import accuracy, build_evaluator, evaluate, load_evaluator, main, save_evaluator
+from evaluate_iclevr import accuracy, build_evaluator, evaluate, load_evaluator, main, save_evaluator, set_scheduler
 from iclevr_data import NEW_TEST_JSON, TEST_JSON, read_label_sets
 from pipeline_cond_ddpm import multi_hot
 
@@ -102,6 +102,19 @@ def test_images_do_not_depend_on_the_batch_size(tmp_path, tiny_pipeline_dir, eva
     score(tiny_pipeline_dir, evaluator_checkpoint, tmp_path / "a", "--batch_size", "64")
     score(tiny_pipeline_dir, evaluator_checkpoint, tmp_path / "b", "--batch_size", "5")
     assert (tmp_path / "a" / "test" / "9.png").read_bytes() == (tmp_path / "b" / "test" / "9.png").read_bytes()
+
+
+def test_sde_sampler_adds_noise_from_the_generator(tiny_pipeline):
+    set_scheduler(tiny_pipeline, "dpm++sde")
+    scheduler = tiny_pipeline.scheduler
+
+    def first_step(seed):
+        scheduler.set_timesteps(3)  # a fresh run each time
+        zeros = torch.zeros(1, 3, 4, 4)
+        return scheduler.step(zeros, scheduler.timesteps[0], zeros, generator=torch.Generator().manual_seed(seed)).prev_sample
+
+    assert torch.equal(first_step(0), first_step(0))
+    assert not torch.equal(first_step(0), first_step(1))  # plain DPM-Solver++ ignores the generator
 
 
 def test_score_keeps_an_existing_output_unless_told(tmp_path, tiny_pipeline_dir, evaluator_checkpoint, capsys):
