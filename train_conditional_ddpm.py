@@ -43,6 +43,7 @@ from evaluate_iclevr import (
     evaluate,
     generate,
     load_evaluator,
+    set_scheduler,
 )
 from iclevr_data import (
     NEW_TEST_JSON,
@@ -497,8 +498,8 @@ def ema_weights(accelerator, denoiser, emas):
 
 def sample(args, pipeline, label_sets) -> torch.Tensor:
     """8-bit images of `label_sets` with the sampler, steps and guidance of the validation flags."""
-    scheduler = SCHEDULERS[args.validation_scheduler](pipeline.scheduler.config)
-    sampler = CondDDPMPipeline(pipeline.unet, pipeline.label_embedding, scheduler)
+    sampler = CondDDPMPipeline(pipeline.unet, pipeline.label_embedding, pipeline.scheduler)
+    set_scheduler(sampler, args.validation_scheduler)
     sampler.set_progress_bar_config(disable=True)
     return generate(sampler, label_sets, args.ddpm_num_inference_steps, args.guidance_scale, args.seed, args.eval_batch_size)
 
