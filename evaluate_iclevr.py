@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
 from PIL import Image, ImageDraw
 from torch import nn
 from torchvision.models import resnet18
@@ -43,15 +43,17 @@ from pipeline_cond_ddpm import DEFAULT_GUIDANCE_SCALE, CondDDPMPipeline, multi_h
 
 EVALUATOR_RESOLUTION = 64
 EVALUATOR_TRAIN_RESOLUTION = 32  # the course's evaluator saw 32x32 images upsampled to 64x64
-# Each builds a sampler from the trained DDPM config. "dpm++sde" adds fresh noise at every step (SDE-DPM-Solver++).
+# Each builds a sampler from the trained DDPM config. "dpm++sde" and "euler-a" add fresh noise at every step.
 SCHEDULERS = {
     "ddpm": DDPMScheduler.from_config,
     "ddim": DDIMScheduler.from_config,
     "dpm++": DPMSolverMultistepScheduler.from_config,
     "dpm++sde": partial(DPMSolverMultistepScheduler.from_config, algorithm_type="sde-dpmsolver++"),
+    "euler-a": EulerAncestralDiscreteScheduler.from_config,
 }
-# The README's sampling table: the fewest steps that lose no accuracy against 1000-step DDPM.
-DEFAULT_SCHEDULER, DEFAULT_NUM_INFERENCE_STEPS = "dpm++", 10
+# The README's accuracy table: on four trained models, Euler ancestral with 25 steps scores higher on both label files
+# than DPM-Solver++ with 10 (which the sampling table found to lose nothing against 1000-step DDPM).
+DEFAULT_SCHEDULER, DEFAULT_NUM_INFERENCE_STEPS = "euler-a", 25
 
 
 # --- The evaluator -------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@
     python benchmarks/sampling.py ... --splits test   # half the time: score test.json only
 
 For each setting: the time to generate the 32 label sets of test.json, and the evaluator's accuracy on test.json and
-new_test.json. The default to pick: the fewest steps that lose no accuracy against 1000-step DDPM.
+new_test.json, and the fewest steps that lose no accuracy against 1000-step DDPM.
 """
 
 import argparse
@@ -24,7 +24,7 @@ from evaluate_iclevr import evaluate, generate, load_evaluator, load_pipeline, s
 from iclevr_data import NEW_TEST_JSON, TEST_JSON, read_label_sets, read_objects_json  # noqa: E402
 from pipeline_cond_ddpm import multi_hot  # noqa: E402
 
-SAMPLERS = [("ddpm", 1000), ("ddim", 50), ("dpm++", 25), ("dpm++", 20), ("dpm++", 10)]
+SAMPLERS = [("ddpm", 1000), ("ddim", 50), ("dpm++", 25), ("dpm++", 20), ("dpm++", 10), ("euler-a", 25)]
 GUIDANCE_SCALES = [1.0, 2.0, 3.0, 5.0]
 
 

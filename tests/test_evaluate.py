@@ -9,7 +9,16 @@ from PIL import Image
 from torch import nn
 from torchvision.models import resnet18
 
-from evaluate_iclevr import accuracy, build_evaluator, evaluate, load_evaluator, main, save_evaluator, set_scheduler
+from evaluate_iclevr import (
+    DEFAULT_SCHEDULER,
+    accuracy,
+    build_evaluator,
+    evaluate,
+    load_evaluator,
+    main,
+    save_evaluator,
+    set_scheduler,
+)
 from iclevr_data import NEW_TEST_JSON, TEST_JSON, read_label_sets
 from pipeline_cond_ddpm import multi_hot
 
@@ -82,7 +91,7 @@ def test_score_writes_images_grids_and_metrics_that_rescore_exactly(tmp_path, ti
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == metrics
     assert {"test", "new_test", "num_inference_steps", "guidance_scale", "scheduler", "seed"} <= set(saved)
-    assert saved["seed"] == 7 and saved["num_inference_steps"] == 2 and saved["scheduler"] == "dpm++"
+    assert saved["seed"] == 7 and saved["num_inference_steps"] == 2 and saved["scheduler"] == DEFAULT_SCHEDULER
     for split, label_file in (("test", TEST_JSON), ("new_test", NEW_TEST_JSON)):
         count = len(read_label_sets(label_file, class_names))
         assert sorted(p.name for p in (out / split).iterdir()) == sorted(f"{i}.png" for i in range(count))
@@ -104,8 +113,9 @@ def test_images_do_not_depend_on_the_batch_size(tmp_path, tiny_pipeline_dir, eva
     assert (tmp_path / "a" / "test" / "9.png").read_bytes() == (tmp_path / "b" / "test" / "9.png").read_bytes()
 
 
-def test_sde_sampler_adds_noise_from_the_generator(tiny_pipeline):
-    set_scheduler(tiny_pipeline, "dpm++sde")
+@pytest.mark.parametrize("name", ["dpm++sde", "euler-a"])
+def test_stochastic_samplers_add_noise_from_the_generator(tiny_pipeline, name):
+    set_scheduler(tiny_pipeline, name)
     scheduler = tiny_pipeline.scheduler
 
     def first_step(seed):

@@ -12,6 +12,7 @@ import hub
 import iclevr_data
 import train_conditional_ddpm
 from conftest import run_python, training_args
+from evaluate_iclevr import DEFAULT_SCHEDULER
 from pipeline_cond_ddpm import CondDDPMPipeline
 
 # Makes `import pipeline_cond_ddpm` (and the other project modules) fail, as on a machine without this project.
@@ -101,7 +102,7 @@ def test_push_uploads_the_saved_folder_without_checkpoints_or_logs(pushed_run):
 def test_model_card_has_the_metrics_the_settings_and_tags(pushed_run):
     card = (pushed_run[0] / "README.md").read_text()
     assert re.search(r"\| test.json \| \d\.\d{4} \|", card) and re.search(r"\| new_test.json \| \d\.\d{4} \|", card)
-    assert "sampled with dpm++, 2 steps, guidance scale 5.0" in card
+    assert f"sampled with {DEFAULT_SCHEDULER}, 2 steps, guidance scale 5.0" in card
     assert "| preset | tiny |" in card and "| learning_rate | 0.001 |" in card and "| mixed_precision | no |" in card
     assert "- i-clevr" in card and "library_name: diffusers" in card
     assert f"![samples of held-out label sets]({hub.SAMPLE_GRID})" in card

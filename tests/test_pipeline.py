@@ -107,6 +107,14 @@ def test_swapped_in_schedulers_work(tiny_pipeline, scheduler_class):
     assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
 
 
+def test_a_fresh_scheduler_starts_from_the_noise_level_of_its_own_steps(tiny_pipeline):
+    # With "leading" spacing (the trained pipelines' configs) Euler's first noise level depends on the steps: read
+    # before set_timesteps, it was the 1000-step schedule's.
+    tiny_pipeline.scheduler = EulerDiscreteScheduler.from_config(tiny_pipeline.scheduler.config, timestep_spacing="leading")
+    first_call = generate(tiny_pipeline, [["red cube"]], num_inference_steps=4)
+    assert torch.equal(first_call, generate(tiny_pipeline, [["red cube"]], num_inference_steps=4))
+
+
 def test_generator_makes_results_reproducible(tiny_pipeline):
     first, again = generate(tiny_pipeline, [["red cube"]], seed=3), generate(tiny_pipeline, [["red cube"]], seed=3)
     assert torch.equal(first, again)
@@ -199,6 +207,19 @@ def test_transformer_layers_deepen_only_the_attention(class_names):
     (one, resnets), (two, same_resnets) = layers("small-fast-xattn-words"), layers("small-fast-xattn2-words")
     assert set(one) == {1} and set(two) == {2} and len(one) == len(two)
     assert resnets == same_resnets
+
+
+def test_cross_only_levels_trade_self_attention_for_the_object_tokens(class_names):
+    unet = CondDDPMPipeline.from_preset("small-fast-xattn-words-cross16", class_names, resolution=32).unet
+    first_attends_to_tokens, resolution = {}, 32
+    for block in unet.down_blocks:
+        for attention in getattr(block, "attentions", []):
+            first_attends_to_tokens[resolution] = {t.attn1.is_cross_attention for t in attention.transformer_blocks}
+        resolution //= 2 if block.downsamplers else 1
+    assert first_attends_to_tokens == {16: {True}, 8: {False}}
+    assert not any(t.attn1.is_cross_attention for a in unet.mid_block.attentions for t in a.transformer_blocks)
+    cross_only_up = [a for b in unet.up_blocks for a in getattr(b, "attentions", []) if a.transformer_blocks[0].attn1.is_cross_attention]
+    assert len(cross_only_up) == 2  # the 16x16 up block: one more layer than the down block, as every level has
 
 
 def test_shared_words_need_cross_attention(class_names):
