@@ -24,7 +24,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import create_repo, snapshot_download, upload_folder
 
 # Model sizes. `attention_levels` counts UNet levels from full resolution (0); `cross_attention` switches from an
-# added label embedding alone to `UNet2DConditionModel`, whose attention layers also attend to one token per object.
+# added label embedding alone to `UNet2DConditionModel`, whose attention layers also attend to one token per object;
+# `cross_only_levels` (optional) lists the attention levels that attend to the tokens only, with no self-attention.
 PRESETS = {
     # Tests and CPU smoke runs: 0.7M parameters.
     "tiny": dict(block_out_channels=(32, 64), layers_per_block=1, attention_levels=(), cross_attention=False),

@@ -81,7 +81,7 @@ RECIPES = {  # name: (training steps in the hour, flags)
     "deeper": (2900, training_flags("small-xattn-words")),  # two ResNet blocks per level: fewer steps, more capacity
     # Two transformer layers at 8x8: new_test.json's misses are mostly same-coloured objects drawn with one shape.
     "xattn-layers2": (3600, training_flags("small-fast-xattn2-words")),
-    # Cross-attention alone at 16x16 as well: 0.65x the images/s in the training script, so fewer steps.
+    # Cross-attention alone at 16x16 as well: 0.75x the images/s, so fewer steps.
     "cross16": (3000, training_flags("small-fast-xattn-words-cross16")),
     "xattn": (3600, training_flags("small-fast-xattn")),
     "high-lr": (3600, training_flags("small-fast-xattn", learning_rate="3e-3")),
