@@ -14,6 +14,15 @@ def generate(pipeline, labels, seed=0, **kwargs):
     return pipeline(labels, generator=torch.Generator().manual_seed(seed), **kwargs).images
 
 
+def down_path_attentions(unet):
+    """(resolution, attention module) for each attention on the UNet's way down."""
+    resolution = unet.config.sample_size
+    for block in unet.down_blocks:
+        for attention in getattr(block, "attentions", None) or []:
+            yield resolution, attention
+        resolution //= 2 if block.downsamplers else 1
+
+
 def count_unet_batches(pipeline):
     """Record the batch size of every UNet call."""
     sizes = []
@@ -155,12 +164,7 @@ def test_tiny_preset_is_small_enough_for_tests_and_cpus(tiny_pipeline):
 def test_base_preset_attends_at_16_and_8_pixels(class_names):
     unet = CondDDPMPipeline.from_preset("base", class_names, resolution=64).unet
     assert isinstance(unet, UNet2DModel)
-    resolution, attended = 64, []
-    for block in unet.down_blocks:
-        if getattr(block, "attentions", None):
-            attended.append(resolution)
-        resolution //= 2 if block.downsamplers else 1
-    assert attended == [16, 8]
+    assert sorted({resolution for resolution, _ in down_path_attentions(unet)}, reverse=True) == [16, 8]
 
 
 def test_cross_attention_variant_attends_to_object_tokens(class_names):
@@ -211,11 +215,10 @@ def test_transformer_layers_deepen_only_the_attention(class_names):
 
 def test_cross_only_levels_trade_self_attention_for_the_object_tokens(class_names):
     unet = CondDDPMPipeline.from_preset("small-fast-xattn-words-cross16", class_names, resolution=32).unet
-    first_attends_to_tokens, resolution = {}, 32
-    for block in unet.down_blocks:
-        for attention in getattr(block, "attentions", []):
-            first_attends_to_tokens[resolution] = {t.attn1.is_cross_attention for t in attention.transformer_blocks}
-        resolution //= 2 if block.downsamplers else 1
+    first_attends_to_tokens = {
+        resolution: {t.attn1.is_cross_attention for t in attention.transformer_blocks}
+        for resolution, attention in down_path_attentions(unet)
+    }
     assert first_attends_to_tokens == {16: {True}, 8: {False}}
     assert not any(t.attn1.is_cross_attention for a in unet.mid_block.attentions for t in a.transformer_blocks)
     cross_only_up = [a for b in unet.up_blocks for a in getattr(b, "attentions", []) if a.transformer_blocks[0].attn1.is_cross_attention]
