@@ -83,6 +83,8 @@ RECIPES = {  # name: (training steps in the hour, flags)
     "xattn-layers2": (3600, training_flags("small-fast-xattn2-words")),
     # Cross-attention alone at 16x16 as well: 0.75x the images/s, so fewer steps.
     "cross16": (3000, training_flags("small-fast-xattn-words-cross16")),
+    # Object tokens that attend to one another first, so two of one colour can set their shapes apart.
+    "context": (3600, training_flags("small-fast-xattn-words-context")),
     "xattn": (3600, training_flags("small-fast-xattn")),
     "high-lr": (3600, training_flags("small-fast-xattn", learning_rate="3e-3")),
     "no-min-snr": (3600, training_flags("small-fast-xattn", snr_gamma="0")),

@@ -225,9 +225,37 @@ def test_cross_only_levels_trade_self_attention_for_the_object_tokens(class_name
     assert len(cross_only_up) == 2  # the 16x16 up block: one more layer than the down block, as every level has
 
 
-def test_shared_words_need_cross_attention(class_names):
-    with pytest.raises(ValueError, match="shared_words=True builds the object tokens of cross-attention, so it needs a cross_attention_dim, got None"):
-        LabelEmbedding(class_names, embedding_dim=32, shared_words=True)
+def test_token_layers_let_each_object_token_see_the_scene_s_other_objects(class_names, tmp_path):
+    torch.manual_seed(0)
+    pipeline = CondDDPMPipeline.from_preset("small-fast-xattn-words-context", class_names, resolution=16)
+    embedding = pipeline.label_embedding.eval()
+    red_cube = class_names.index("red cube")
+
+    def red_cube_token(labels):
+        return embedding(multi_hot(labels, class_names))["encoder_hidden_states"][:, red_cube]
+
+    beside_a_sphere, beside_a_cylinder = red_cube_token([["red cube", "red sphere"], ["red cube", "red cylinder"]])
+    assert not torch.allclose(beside_a_sphere, beside_a_cylinder, atol=1e-4)
+    before = red_cube_token([["red cube", "red sphere"]])
+    with torch.no_grad():  # objects absent from the label set must not reach the tokens of those present
+        embedding.object_tokens.weight[class_names.index("blue cube")] += 10
+    assert torch.allclose(red_cube_token([["red cube", "red sphere"]]), before, atol=1e-6)
+
+    pipeline.save_pretrained(tmp_path)
+    loaded = CondDDPMPipeline.from_pretrained(tmp_path).label_embedding
+    assert loaded.config.token_layers == 1
+    labels = multi_hot([["red cube", "red sphere"]], class_names)
+    assert torch.equal(loaded(labels)["encoder_hidden_states"], embedding(labels)["encoder_hidden_states"])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"shared_words": True}, "shared_words=True builds the object tokens of cross-attention, so it needs a cross_attention_dim, got None"),
+    ({"token_layers": 2}, "token_layers=2 works on the object tokens of cross-attention, so it needs a cross_attention_dim, got None"),
+    ({"token_layers": -1, "cross_attention_dim": 16}, "token_layers must be a whole number >= 0, got -1"),
+])
+def test_bad_token_options_are_refused_clearly(class_names, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LabelEmbedding(class_names, embedding_dim=32, **kwargs)
 
 
 # --- Bad input -----------------------------------------------------------------------------------------------------
