@@ -23,6 +23,15 @@ def down_path_attentions(unet):
         resolution //= 2 if block.downsamplers else 1
 
 
+def reloaded_label_embedding(pipeline, folder, class_names):
+    """Save and reload `pipeline`; the reloaded label embedding must give the same object tokens. Returns it."""
+    pipeline.save_pretrained(folder)
+    loaded = CondDDPMPipeline.from_pretrained(folder).label_embedding
+    labels = multi_hot([["red cube", "red sphere"]], class_names)
+    assert torch.equal(loaded(labels)["encoder_hidden_states"], pipeline.label_embedding(labels)["encoder_hidden_states"])
+    return loaded
+
+
 def count_unet_batches(pipeline):
     """Record the batch size of every UNet call."""
     sizes = []
@@ -194,11 +203,7 @@ def test_shared_word_tokens_tie_objects_that_share_a_word(class_names, tmp_path)
     tokens.sum().backward()
     assert embedding.word_tokens.weight.grad.abs().sum(dim=1).gt(0).all()
 
-    pipeline.save_pretrained(tmp_path)
-    loaded = CondDDPMPipeline.from_pretrained(tmp_path).label_embedding
-    assert loaded.config.shared_words
-    labels = multi_hot([["red cube", "red sphere"]], class_names)
-    assert torch.equal(loaded(labels)["encoder_hidden_states"], embedding(labels)["encoder_hidden_states"])
+    assert reloaded_label_embedding(pipeline, tmp_path, class_names).config.shared_words
 
 
 def test_transformer_layers_deepen_only_the_attention(class_names):
@@ -241,11 +246,7 @@ def test_token_layers_let_each_object_token_see_the_scene_s_other_objects(class_
         embedding.object_tokens.weight[class_names.index("blue cube")] += 10
     assert torch.allclose(red_cube_token([["red cube", "red sphere"]]), before, atol=1e-6)
 
-    pipeline.save_pretrained(tmp_path)
-    loaded = CondDDPMPipeline.from_pretrained(tmp_path).label_embedding
-    assert loaded.config.token_layers == 1
-    labels = multi_hot([["red cube", "red sphere"]], class_names)
-    assert torch.equal(loaded(labels)["encoder_hidden_states"], embedding(labels)["encoder_hidden_states"])
+    assert reloaded_label_embedding(pipeline, tmp_path, class_names).config.token_layers == 1
 
 
 @pytest.mark.parametrize("kwargs, message", [
