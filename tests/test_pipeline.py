@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UNet2DConditionModel, UNet2DModel
 from PIL import Image
 
 from pipeline_cond_ddpm import PRESETS, CondDDPMPipeline, LabelEmbedding, multi_hot
@@ -170,10 +170,14 @@ def test_tiny_preset_is_small_enough_for_tests_and_cpus(tiny_pipeline):
     assert parameters <= 2_000_000
 
 
-def test_base_preset_attends_at_16_and_8_pixels(class_names):
-    unet = CondDDPMPipeline.from_preset("base", class_names, resolution=64).unet
-    assert isinstance(unet, UNet2DModel)
-    assert sorted({resolution for resolution, _ in down_path_attentions(unet)}, reverse=True) == [16, 8]
+@pytest.mark.parametrize("preset, resolution, unet_class, attended", [
+    ("base", 64, UNet2DModel, [16, 8]),
+    ("small-fast-xattn-words-4levels", 32, UNet2DConditionModel, [8, 4]),
+])
+def test_presets_attend_at_their_resolutions(class_names, preset, resolution, unet_class, attended):
+    unet = CondDDPMPipeline.from_preset(preset, class_names, resolution=resolution).unet
+    assert type(unet) is unet_class
+    assert sorted({resolution for resolution, _ in down_path_attentions(unet)}, reverse=True) == attended
 
 
 def test_cross_attention_variant_attends_to_object_tokens(class_names):
@@ -204,6 +208,20 @@ def test_shared_word_tokens_tie_objects_that_share_a_word(class_names, tmp_path)
     assert embedding.word_tokens.weight.grad.abs().sum(dim=1).gt(0).all()
 
     assert reloaded_label_embedding(pipeline, tmp_path, class_names).config.shared_words
+
+
+def test_words_only_tokens_have_no_vector_of_the_object_s_own(class_names, tmp_path):
+    torch.manual_seed(0)
+    pipeline = CondDDPMPipeline.from_preset("small-fast-xattn-words-only", class_names, resolution=16)
+    tokens = pipeline.label_embedding(torch.zeros(1, 24))["encoder_hidden_states"][0].detach()
+    token = dict(zip(class_names, tokens[:-1], strict=True))
+    # With nothing of its own, a token changes with its shape word alike for every colour.
+    assert torch.allclose(token["red cube"] - token["red sphere"], token["gray cube"] - token["gray sphere"], atol=1e-6)
+    assert not torch.allclose(token["red cube"], token["red sphere"])
+    assert not any(torch.allclose(tokens[-1], object_token) for object_token in tokens[:-1])
+    assert pipeline.label_embedding.object_tokens.num_embeddings == 1
+
+    assert reloaded_label_embedding(pipeline, tmp_path, class_names).config.words_only
 
 
 def test_transformer_layers_deepen_only_the_attention(class_names):
@@ -251,6 +269,7 @@ def test_token_layers_let_each_object_token_see_the_scene_s_other_objects(class_
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"shared_words": True}, "shared_words=True builds the object tokens of cross-attention, so it needs a cross_attention_dim, got None"),
+    ({"words_only": True, "cross_attention_dim": 16}, "words_only=True builds the object tokens from their words alone, so it needs shared_words=True, got False"),
     ({"token_layers": 2}, "token_layers=2 works on the object tokens of cross-attention, so it needs a cross_attention_dim, got None"),
     ({"token_layers": -1, "cross_attention_dim": 16}, "token_layers must be a whole number >= 0, got -1"),
 ])
