@@ -26,6 +26,11 @@ from huggingface_hub import create_repo, snapshot_download, upload_folder
 # Model sizes. `attention_levels` counts UNet levels from full resolution (0); `cross_attention` switches from an
 # added label embedding alone to `UNet2DConditionModel`, whose attention layers also attend to one token per object;
 # `cross_only_levels` (optional) lists the attention levels that attend to the tokens only, with no self-attention.
+# The CPU model (resolution 32; best in the README's hour on a CPU): one ResNet block per level, cross-attention at 8x8
+# to object tokens that share a vector per word of the names ("red", "cube"). Its variants below name what they change.
+CPU_MODEL = dict(
+    block_out_channels=(32, 64, 128), layers_per_block=1, attention_levels=(2,), cross_attention=True, shared_words=True
+)
 PRESETS = {
     # Tests and CPU smoke runs: 0.7M parameters.
     "tiny": dict(block_out_channels=(32, 64), layers_per_block=1, attention_levels=(), cross_attention=False),
@@ -35,42 +40,24 @@ PRESETS = {
     "small-fast": dict(block_out_channels=(32, 64, 128), layers_per_block=1, attention_levels=(), cross_attention=False),
     # small-fast with cross-attention to the object tokens at 8x8: 4.0M parameters, about the images/s of small.
     "small-fast-xattn": dict(block_out_channels=(32, 64, 128), layers_per_block=1, attention_levels=(2,), cross_attention=True),
-    # The CPU model (resolution 32; best in the README's hour on a CPU): small-fast-xattn whose object tokens share a
-    # vector per word of the names ("red", "cube"), same size and speed.
-    "small-fast-xattn-words": dict(
-        block_out_channels=(32, 64, 128), layers_per_block=1, attention_levels=(2,), cross_attention=True, shared_words=True
-    ),
+    # The CPU model: small-fast-xattn whose object tokens share a vector per word of the names, same size and speed.
+    "small-fast-xattn-words": CPU_MODEL,
     # small-fast-xattn-words whose tokens are their words alone, no vector of the object's own: "red cube" is "red" plus
     # "cube", so all that is learned about a colour or a shape is shared (a variant compared in the README).
-    "small-fast-xattn-words-only": dict(
-        block_out_channels=(32, 64, 128), layers_per_block=1, attention_levels=(2,), cross_attention=True, shared_words=True,
-        words_only=True,
-    ),
+    "small-fast-xattn-words-only": dict(CPU_MODEL, words_only=True),
     # small-fast-xattn-words with a fourth level, 256 channels at 4x4 with cross-attention, where the whole scene's layout
     # is one feature map: 16.9M parameters, 0.7x the images/s (a variant compared in the README).
-    "small-fast-xattn-words-4levels": dict(
-        block_out_channels=(32, 64, 128, 256), layers_per_block=1, attention_levels=(2, 3), cross_attention=True,
-        shared_words=True,
-    ),
+    "small-fast-xattn-words-4levels": dict(CPU_MODEL, block_out_channels=(32, 64, 128, 256), attention_levels=(2, 3)),
     # small-fast-xattn-words with two transformer layers (self- and cross-attention) at 8x8 and in the middle, where
     # objects that share a colour must be told apart: 5.4M parameters, 0.8x the images/s (a variant compared in the README).
-    "small-fast-xattn2-words": dict(
-        block_out_channels=(32, 64, 128), layers_per_block=1, attention_levels=(2,), cross_attention=True, shared_words=True,
-        transformer_layers=2,
-    ),
+    "small-fast-xattn2-words": dict(CPU_MODEL, transformer_layers=2),
     # small-fast-xattn-words with cross-attention alone (no self-attention) at 16x16 as well, where a 32x32 scene's
     # objects are two or three cells wide and two of one colour are drawn apart (a variant compared in the README).
-    "small-fast-xattn-words-cross16": dict(
-        block_out_channels=(32, 64, 128), layers_per_block=1, attention_levels=(1, 2), cross_attention=True, shared_words=True,
-        cross_only_levels=(1,),
-    ),
+    "small-fast-xattn-words-cross16": dict(CPU_MODEL, attention_levels=(1, 2), cross_only_levels=(1,)),
     # small-fast-xattn-words whose object tokens first pass through one transformer layer over the label set, so each
     # token knows the scene's other objects, meant to set two gray objects' shapes apart (a variant compared in the README;
     # it did not beat small-fast-xattn-words).
-    "small-fast-xattn-words-context": dict(
-        block_out_channels=(32, 64, 128), layers_per_block=1, attention_levels=(2,), cross_attention=True, shared_words=True,
-        token_layers=1,
-    ),
+    "small-fast-xattn-words-context": dict(CPU_MODEL, token_layers=1),
     # small-fast-xattn with cross-attention at 16x16 as well (a variant compared in the README).
     "small-fast-xattn16": dict(
         block_out_channels=(32, 64, 128), layers_per_block=1, attention_levels=(1, 2), cross_attention=True
@@ -78,9 +65,7 @@ PRESETS = {
     # small with cross-attention to the object tokens (a variant compared in the README).
     "small-xattn": dict(block_out_channels=(32, 64, 128), layers_per_block=2, attention_levels=(2,), cross_attention=True),
     # small-xattn with shared words: small-fast-xattn-words with two ResNet blocks per level (a variant compared in the README).
-    "small-xattn-words": dict(
-        block_out_channels=(32, 64, 128), layers_per_block=2, attention_levels=(2,), cross_attention=True, shared_words=True
-    ),
+    "small-xattn-words": dict(CPU_MODEL, layers_per_block=2),
     # The i-CLEVR GPU model (resolution 64): 78M parameters, attention at 16x16 and 8x8.
     "base": dict(
         block_out_channels=(128, 256, 256, 512), layers_per_block=2, attention_levels=(2, 3), cross_attention=False
