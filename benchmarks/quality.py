@@ -57,7 +57,8 @@ from pipeline_cond_ddpm import DEFAULT_GUIDANCE_SCALE, multi_hot  # noqa: E402
 SCENES = 5000
 RESOLUTION = 32
 # Every recipe trains at 32x32 on the built-in synthetic set for about an hour on 2 CPU cores; they differ in model,
-# objective, learning rate or batch. `cpu` is the reference the README's variants are compared with; `no-flip` (`cpu` without mirrored images) is the best.
+# objective, learning rate or batch. `cpu` is the reference the README's variants are compared with; `no-flip` (`cpu`
+# without mirrored images) is the best.
 COMMON = ["--resolution", str(RESOLUTION), "--mixed_precision", "no", "--dataloader_num_workers", "1", "--lr_warmup_steps", "200",
           "--save_images_epochs", "1000", "--checkpointing_steps", "1000", "--logging_steps", "50"]
 
