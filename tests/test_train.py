@@ -14,9 +14,11 @@ from pipeline_cond_ddpm import CondDDPMPipeline
 
 @pytest.fixture(scope="module")
 def uninterrupted_run(tmp_path_factory, synthetic_dir):
-    """Eight steps in one go, a checkpoint every two steps, at most two kept."""
+    """Eight steps in one go, a checkpoint every two steps, at most two kept; mirrored images, so that resuming must
+    also restore the flips' random draws."""
     output_dir = tmp_path_factory.mktemp("runs") / "uninterrupted"
-    args = training_args(output_dir, synthetic_dir, "--max_train_steps", 8, "--checkpointing_steps", 2, "--checkpoints_total_limit", 2)
+    args = training_args(output_dir, synthetic_dir, "--max_train_steps", 8, "--checkpointing_steps", 2, "--checkpoints_total_limit", 2,
+                         "--random_flip")
     result = run_python("train_conditional_ddpm.py", *args, "--logger", "tensorboard")
     assert result.returncode == 0, result.stderr[-3000:]
     return output_dir, args, result
