@@ -573,8 +573,8 @@ def parse_args(argv=None):
     data.add_argument("--synthetic_scenes", type=cli.positive_int, default=6000, help="size of the built-in set (3 images each)")
     data.add_argument("--resolution", type=cli.positive_int, default=64)
     data.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=False,
-                      help="mirror half the images; off by default, as in diffusers: (i-)CLEVR scenes are lit from one "
-                           "side, and a mirrored scene shows a lighting no real one has (README, Results)")
+                      help="mirror half the images; off by default, as in diffusers: the built-in scenes are lit from "
+                           "one side, so a mirrored scene shows a lighting that none of them has (README, Results)")
     data.add_argument("--dataloader_num_workers", type=cli.non_negative_int, default=2)
 
     model = parser.add_argument_group("model")
