@@ -19,7 +19,8 @@ CARD_SETTINGS = (
     "preset", "resolution", "synthetic_scenes", "ddpm_num_steps", "ddpm_beta_schedule", "prediction_type",
     "condition_dropout", "snr_gamma", "train_batch_size", "gradient_accumulation_steps", "learning_rate",
     "lr_scheduler", "lr_warmup_steps", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
-    "max_grad_norm", "use_ema", "ema_max_decay", "ema_inv_gamma", "ema_power", "random_flip", "mixed_precision", "seed",
+    "max_grad_norm", "use_ema", "ema_max_decay", "ema_inv_gamma", "ema_power", "random_flip", "same_colour_repeats",
+    "mixed_precision", "seed",
 )
 
 CARD_TEMPLATE = """---

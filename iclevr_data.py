@@ -149,6 +149,27 @@ def dataset_class_names(dataset: Dataset) -> list[str]:
     return list(dataset.features["objects"].feature.names)
 
 
+def repeat_same_colour_pairs(dataset: Dataset, times: int) -> Dataset:
+    """The dataset with each row whose label set holds two objects of one colour present `times` times in all.
+
+    train.json's label sets hold such a pair in 11% of the images, new_test.json's in 28 of 32, where a model
+    misses more objects than on test.json. Rows are repeated by index: nothing is decoded or copied, and the shuffle
+    then draws those rows `times` times as often.
+    """
+    if not isinstance(times, int) or times < 1:
+        raise ValueError(f"times must be a positive integer, got {times!r}")
+    if times == 1:  # any vocabulary, not only 'colour shape' names
+        return dataset
+    class_names = dataset_class_names(dataset)
+    unnamed = [name for name in class_names if len(name.split()) != 2]
+    if unnamed:
+        raise ValueError(f"object names must read 'colour shape' to find same-coloured pairs, got {unnamed[0]!r}")
+    colours = [name.split()[0] for name in class_names]
+    pairs = [i for i, objects in enumerate(dataset.with_format(None)["objects"])
+             if len({colours[j] for j in objects}) < len(objects)]
+    return dataset.select(list(range(len(dataset))) + pairs * (times - 1))
+
+
 def split_by_scene(dataset: Dataset, validation_fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
     """Hold out a fraction of the scenes of a `build_dataset` result (i-CLEVR's 3 images of a scene stay together)."""
     if not 0 < validation_fraction < 1:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset, Features, Image, List, Value
+from datasets import ClassLabel, Dataset, Features, Image, List, Value
 from PIL import Image as PILImage
 
 import iclevr_data
@@ -18,6 +18,7 @@ from iclevr_data import (
     load_hub_dataset,
     load_iclevr_dataset,
     read_label_sets,
+    repeat_same_colour_pairs,
     split_by_scene,
     synthesize,
 )
@@ -127,6 +128,36 @@ def test_split_by_scene_keeps_scenes_together(synthetic_dir):
     scene = lambda d: {Path(c["path"]).stem[:-2] for c in d.cast_column("image", Image(decode=False))["image"]}  # noqa: E731
     assert len(train) + len(validation) == 18 and len(validation) == 6
     assert not scene(train) & scene(validation)
+
+
+def label_rows(label_sets, class_names):
+    features = Features({"objects": List(ClassLabel(names=class_names))})
+    return Dataset.from_dict({"objects": [[class_names.index(n) for n in s] for s in label_sets]}, features=features)
+
+
+def test_same_colour_pairs_are_repeated_and_nothing_else(class_names):
+    label_sets = [["red cube"], ["red cube", "red sphere"], ["red cube", "blue cube"], ["gray cube", "red cylinder", "gray sphere"]]
+    repeated = repeat_same_colour_pairs(label_rows(label_sets, class_names), 3)
+    counts = [[class_names[i] for i in o] for o in repeated["objects"]]
+    assert [counts.count(s) for s in label_sets] == [1, 3, 1, 3] and len(repeated) == 8
+
+
+def test_repeated_rows_load_like_the_others(synthetic_dir):
+    dataset = load_iclevr_dataset(synthetic_dir / "images", synthetic_dir / "train.json", resolution=16)
+    repeated = repeat_same_colour_pairs(dataset, 2)
+    assert len(dataset) < len(repeated) < 2 * len(dataset)  # the 1-object images hold no pair
+    extra = repeated[len(repeated) - 1]
+    assert extra["pixel_values"].shape == (3, 16, 16) and extra["labels"].sum() >= 2
+
+
+def test_repeating_checks_its_inputs(class_names):
+    rows = label_rows([["red cube"]], class_names)
+    with pytest.raises(ValueError, match="times must be a positive integer, got 0"):
+        repeat_same_colour_pairs(rows, 0)
+    other_vocabulary = Dataset.from_dict({"objects": [[0]]}, features=Features({"objects": List(ClassLabel(names=["cat", "dog"]))}))
+    assert repeat_same_colour_pairs(other_vocabulary, 1) is other_vocabulary  # not repeating needs no colours
+    with pytest.raises(ValueError, match="object names must read 'colour shape' to find same-coloured pairs, got 'cat'"):
+        repeat_same_colour_pairs(other_vocabulary, 2)
 
 
 def test_label_files_are_checked(tmp_path, class_names):

@@ -281,6 +281,7 @@ SWEEP = [
     ("train", ["--logit_mean", "nan"], "argument --logit_mean: must be a finite number, got 'nan'"),
     ("train", ["--logit_std", "0"], "argument --logit_std: must be a positive number, got '0'"),
     ("train", ["--timestep_sampling", "cosine"], "argument --timestep_sampling: invalid choice: 'cosine'"),
+    ("train", ["--same_colour_repeats", "0"], "argument --same_colour_repeats: must be a positive integer, got '0'"),
     ("train", ["--preset", "giant"], "argument --preset: invalid choice: 'giant'"),
     ("train", ["--train_data_dir", "somewhere"], "--train_data_dir and --train_json go together"),
     ("train", ["--output_dir", "NONEMPTY"], "is not empty; pass --resume_from_checkpoint latest"),
