@@ -102,6 +102,11 @@ RECIPES = {  # name: (training steps in the hour, flags)
     # drawn instead of 11%, as new_test.json is mostly such pairs.
     "same-colour": (3600, training_flags(random_flip=False, same_colour_repeats="4")),
     "same-colour-2": (3600, training_flags(random_flip=False, same_colour_repeats="2")),  # half-way: a fifth of the images
+    # `same-colour` for 4800 steps: as many images of distinct colours as `no-flip` draws in 3600, and the pairs on top.
+    "same-colour-long": (4800, training_flags(random_flip=False, same_colour_repeats="4")),
+    # `deeper` without mirrored images for the hour on the AMD EPYC, about 100 minutes on the Xeon: is `deeper` behind
+    # for its fewer steps or for its size?
+    "deeper-hour": (5400, training_flags("small-xattn-words", random_flip=False)),
     "xattn": (3600, training_flags("small-fast-xattn")),
     "high-lr": (3600, training_flags("small-fast-xattn", learning_rate="3e-3")),
     "no-min-snr": (3600, training_flags("small-fast-xattn", snr_gamma="0")),
