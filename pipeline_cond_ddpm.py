@@ -72,7 +72,8 @@ PRESETS = {
     ),
 }
 OUTPUT_TYPES = ("pil", "np", "pt")
-# The best guidance in the README's sampling table; every script that samples defaults to it.
+# The best guidance in the README's sampling table; every script that samples defaults to it (benchmarks/quality.py
+# unless the recipe has its own: a model's best guidance depends on how it was trained).
 DEFAULT_GUIDANCE_SCALE = 5.0
 
 
