@@ -6,7 +6,7 @@ and label sets of three objects that never occur together in the training labels
     python benchmarks/quality.py --recipe epsilon --budget_fraction 0.25   # the same comparison at a quarter of the steps
     python benchmarks/quality.py --recipe cpu --seed 1        # the same recipe again with another training seed
     python benchmarks/quality.py --quick                      # every step, on a budget of a few minutes
-    python benchmarks/quality.py --score_only --num_inference_steps 25   # re-score the trained `no-flip` model
+    python benchmarks/quality.py --score_only --guidance_scale 5   # re-score the trained `same-colour` model at guidance 5
 
 Steps: (1) the built-in synthetic set and an evaluator trained on it (`evaluate_iclevr.py train`), unless
 `--evaluator_checkpoint` is given; (2) `accelerate launch train_conditional_ddpm.py` with the recipe's flags, timed;
