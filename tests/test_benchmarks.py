@@ -1,0 +1,44 @@
+"""benchmarks/quality.py: what a recipe's images are scored against, and which recipes need a GPU."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def quality(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # where the script finds its sibling modules
+    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def roughness(images: torch.Tensor) -> float:
+    return (images[..., 1:].float() - images[..., :-1].float()).abs().mean().item()
+
+
+def test_rendered_references_are_drawn_at_the_models_resolution(quality):
+    class_names = quality.read_objects_json()
+    label_sets = [["red cube", "blue sphere"], ["gray cylinder"]]
+    native = quality.rendered_references(label_sets, class_names, seed=0, resolution=64)
+    upsampled = quality.rendered_references(label_sets, class_names, seed=0, resolution=32)
+    assert native.shape == upsampled.shape == (2, 3, 64, 64)
+    assert native.dtype == upsampled.dtype == torch.uint8
+    # A 32x32 render brought up to 64x64 is smoother than the 64x64 render of the same scene.
+    assert roughness(native) > roughness(upsampled)
+
+
+def test_a_gpu_recipe_is_refused_without_a_gpu(quality, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--recipe", "base", "--output_dir", "/nonexistent/never-written"])
+    with pytest.raises(SystemExit) as stopped:
+        quality.main()
+    assert stopped.value.code == 2
+    message = capsys.readouterr().err
+    assert "--recipe base" in message and "needs a CUDA GPU" in message
