@@ -267,7 +267,7 @@ def main(args):
                 power=args.ema_power,
                 model_cls=type(module),
                 model_config=module.config,
-                foreach=True,  # one fused update for all tensors: per tensor, the EMA cost a GPU run 20% of its images/s
+                foreach=True,  # all tensors at once: tensor by tensor, the EMA cost the GPU `base` run 9% of its images/s
             )
             for name, module in (("unet", denoiser.unet), ("label_embedding", denoiser.label_embedding))
         }
