@@ -56,20 +56,20 @@ from launch import one_process_training_command  # noqa: E402
 from pipeline_cond_ddpm import DEFAULT_GUIDANCE_SCALE, multi_hot  # noqa: E402
 
 SCENES = 5000
-RESOLUTION = 32
-# Every recipe trains at 32x32 on the built-in synthetic set for about an hour on 2 CPU cores; they differ in model,
+# Every CPU recipe trains at 32x32 on the built-in synthetic set for about an hour on 2 CPU cores; they differ in model,
 # objective, learning rate or batch. `cpu` is the reference the README's variants are compared with; `same-colour`
 # (`cpu` without mirrored images, its images of two same-coloured objects drawn four times) is the best.
-COMMON = ["--resolution", str(RESOLUTION), "--mixed_precision", "no", "--dataloader_num_workers", "1", "--lr_warmup_steps", "200",
-          "--save_images_epochs", "1000", "--checkpointing_steps", "1000", "--logging_steps", "50"]
+COMMON = ["--lr_warmup_steps", "200", "--save_images_epochs", "1000", "--checkpointing_steps", "1000", "--logging_steps", "50"]
 
 
 def training_flags(preset="small-fast-xattn-words", learning_rate="2e-3", snr_gamma="5", prediction_type="v_prediction",
-                   batch_size="32", logit_mean=None, random_flip=True, same_colour_repeats="1"):
+                   batch_size="32", logit_mean=None, random_flip=True, same_colour_repeats="1", resolution="32",
+                   mixed_precision="no", dataloader_num_workers="1"):
     """A recipe's training flags; the defaults are the `cpu` recipe's, so each recipe names only what it changes.
     A `logit_mean` draws the timesteps logit-normal around it instead of uniformly."""
     flags = ["--preset", preset, "--prediction_type", prediction_type, "--snr_gamma", snr_gamma,
-             "--learning_rate", learning_rate, "--train_batch_size", batch_size]
+             "--learning_rate", learning_rate, "--train_batch_size", batch_size, "--resolution", resolution,
+             "--mixed_precision", mixed_precision, "--dataloader_num_workers", dataloader_num_workers]
     flags += ["--random_flip" if random_flip else "--no-random_flip", "--same_colour_repeats", same_colour_repeats]
     return flags if logit_mean is None else flags + ["--timestep_sampling", "logit_normal", "--logit_mean", logit_mean]
 
@@ -119,9 +119,9 @@ RECIPES = {  # name: (training steps in the hour, flags)
     # Budgeted at half the steps for half the speed; with both cores it runs at about 0.8x, so this undercounts its hour.
     "cross-attention": (1600, training_flags("small-xattn", learning_rate="5e-4")),
     # On a GPU: the 78M-parameter `base` preset at 64x64 in bf16 with `same-colour`'s data, for about 5 minutes of steps
-    # on one H200 (flags given later override COMMON's).
-    "base": (2100, training_flags("base", learning_rate="3e-4", batch_size="64", random_flip=False, same_colour_repeats="4")
-             + ["--resolution", "64", "--mixed_precision", "bf16", "--dataloader_num_workers", "8"]),
+    # on one H200.
+    "base": (2100, training_flags("base", learning_rate="3e-4", batch_size="64", random_flip=False, same_colour_repeats="4",
+                                  resolution="64", mixed_precision="bf16", dataloader_num_workers="8")),
 }
 GPU_RECIPES = {"base"}  # refused without a CUDA GPU: on a CPU they would take days
 # The guidance a recipe's models are scored with where it is not the pipeline's default: five of six `same-colour`
