@@ -220,7 +220,8 @@ def main(args):
         log_with=None if args.logger == "none" else args.logger,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         # The same shuffle on every process (each takes its own shard of it), reproducible per epoch on resume.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        # non_blocking: with pinned batches (below), copying one to the GPU does not wait for the GPU to finish.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed, non_blocking=True),
         dynamo_backend="inductor" if args.compile else "no",
     )
     check_launch(accelerator)
@@ -245,6 +246,8 @@ def main(args):
         drop_last=True,
         num_workers=args.dataloader_num_workers,
         persistent_workers=args.dataloader_num_workers > 0,
+        # A copy from pageable memory makes the CPU wait until the GPU has run every queued kernel, once per step.
+        pin_memory=accelerator.device.type == "cuda",
         # Its own generator: creating a loader must not draw from the global RNG that noise and flips use,
         # or a resumed run would draw different noise than an uninterrupted one.
         generator=torch.Generator().manual_seed(args.seed),

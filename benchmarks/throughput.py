@@ -1,14 +1,16 @@
 """Training throughput: images/s and peak memory per preset and setting, and the training script against a bare loop.
 
     python benchmarks/throughput.py                 # tiny and base presets, every setting
+    python benchmarks/throughput.py --presets base  # one preset (on a GPU lent for minutes: base alone)
     python benchmarks/throughput.py --quick         # tiny preset only, fewer steps: a few minutes on a CPU
 
 On a CPU only one setting is compiled (tiny, fp32, channels_last): compiling takes minutes there.
 
 Settings: fp32 vs bf16 autocast, channels_last on/off, eager vs torch.compile, each in a bare PyTorch loop (the same
 model and batch, random data already in memory). Then the real training script runs the same model and batch
-(fp32, channels_last, eager: its defaults), and its images/s, read from its own logs, is compared with the bare
-loop's. Each measurement runs in a process of its own, so its peak memory is its own.
+(channels_last and eager, its defaults; fp32 on a CPU, bf16 on a GPU, as `accelerate_config.yaml` trains), and its
+images/s, read from its own logs, is compared with the bare loop's in the same setting. Each measurement runs in a
+process of its own, so its peak memory is its own.
 """
 
 import argparse
@@ -79,7 +81,7 @@ def in_own_process(function, *args):
         return pool.submit(function, *args).result()
 
 
-def training_script(preset, resolution, batch_size, steps, data_scenes):
+def training_script(preset, resolution, batch_size, steps, data_scenes, precision, loader_workers):
     """The training script's images/s on the same model and batch, read from its tensorboard log."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -88,7 +90,8 @@ def training_script(preset, resolution, batch_size, steps, data_scenes):
             "--preset", preset, "--resolution", resolution, "--train_batch_size", batch_size,
             "--max_train_steps", steps, "--logging_steps", max(1, steps // 10), "--synthetic_scenes", data_scenes,
             "--save_images_epochs", 100000, "--num_validation_images", 1, "--ddpm_num_inference_steps", 1,
-            "--dataloader_num_workers", 1, "--checkpointing_steps", 10 * steps, "--output_dir", output_dir,
+            "--dataloader_num_workers", loader_workers, "--checkpointing_steps", 10 * steps, "--output_dir", output_dir,
+            "--mixed_precision", {"fp32": "no", "bf16": "bf16"}[precision],
         )
         subprocess.run(command, check=True, capture_output=True, text=True)
         events = EventAccumulator(next(Path(output_dir, "logs").rglob("events.out.tfevents.*")).as_posix())
@@ -100,11 +103,13 @@ def training_script(preset, resolution, batch_size, steps, data_scenes):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--presets", nargs="+", choices=["tiny", "base"], default=["tiny", "base"])
     parser.add_argument("--output", default=None, help="also write the results as JSON here")
     args = parser.parse_args()
     on_gpu = torch.cuda.is_available()
     # preset: (resolution, batch, timed steps, warm-up steps); the 78M-parameter base model is slow on a CPU.
     presets = {"tiny": (32, 64 if on_gpu else 32, 30, 5), "base": (64, 64, 30, 5) if on_gpu else (64, 8, 6, 2)}
+    presets = {name: presets[name] for name in args.presets}
     if args.quick:
         presets = {"tiny": (32, 32, 10, 3)}
     rows = []
@@ -126,15 +131,17 @@ def main():
               f"| {r['images_per_second']:.1f} | {r['peak_memory_mb']:.0f} |")
 
     comparisons = []
+    precision = "bf16" if on_gpu else "fp32"  # on a CPU without bf16 matrix units, bf16 does not pay (README)
     for preset, (resolution, batch_size, _, _) in presets.items():
-        bare = next(r for r in rows if r["preset"] == preset and r["precision"] == "fp32" and r["channels_last"] and not r["compile"])
+        bare = next(r for r in rows if r["preset"] == preset and r["precision"] == precision and r["channels_last"] and not r["compile"])
         script_steps = 40 if args.quick or not on_gpu and preset == "base" else 200  # 10 logged intervals or more
-        script = training_script(preset, resolution, batch_size, script_steps, data_scenes=200 if args.quick else 1000)
-        comparisons.append({"preset": preset, "bare": bare["images_per_second"], "script": script,
+        script = training_script(preset, resolution, batch_size, script_steps, data_scenes=200 if args.quick else 1000,
+                                 precision=precision, loader_workers=4 if on_gpu else 1)
+        comparisons.append({"preset": preset, "precision": precision, "bare": bare["images_per_second"], "script": script,
                             "overhead": 1 - script / bare["images_per_second"]})
-    print("\n| preset | bare loop images/s | training script images/s | script overhead |\n|---|---|---|---|")
+    print("\n| preset | precision | bare loop images/s | training script images/s | script overhead |\n|---|---|---|---|---|")
     for c in comparisons:
-        print(f"| {c['preset']} | {c['bare']:.1f} | {c['script']:.1f} | {100 * c['overhead']:.1f}% |")
+        print(f"| {c['preset']} | {c['precision']} | {c['bare']:.1f} | {c['script']:.1f} | {100 * c['overhead']:.1f}% |")
     if args.output:
         atomic_write_text(args.output, json.dumps({"device": device, "settings": rows, "script_vs_bare": comparisons}, indent=2) + "\n")
 

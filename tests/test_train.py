@@ -114,3 +114,20 @@ def test_logit_normal_timesteps_stay_in_the_schedule_and_lean_noisier_with_a_pos
         assert timesteps.dtype == torch.long and 0 <= timesteps.min() and timesteps.max() <= 999
     assert 450 < uniform.float().median() < 550
     assert leaning.float().median() > 580  # sigmoid(0.5) = 0.62 of the schedule
+
+
+def test_training_steps_make_no_host_sync(tmp_path, synthetic_dir):
+    """Beyond the logging steps, a step never waits for the device, so more steps add no host sync (run on a CPU,
+    counting the operations that would wait on a GPU). The per-step logging of --logging_steps 1 must show up."""
+
+    def host_syncs(steps, logging_steps):
+        output_dir = tmp_path / f"{steps}-{logging_steps}"
+        args = training_args(output_dir, synthetic_dir, "--max_train_steps", steps, "--train_batch_size", 2,
+                             "--logging_steps", logging_steps, "--dataloader_num_workers", 1)
+        result = run_python("tests/count_host_syncs.py", *args)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return int(result.stdout.split("host syncs: ")[1])
+
+    six_steps = host_syncs(6, 100)
+    assert six_steps == host_syncs(2, 100)
+    assert host_syncs(6, 1) > six_steps
