@@ -124,8 +124,8 @@ RECIPES = {  # name: (training steps in the hour, flags)
                                   resolution="64", mixed_precision="bf16", dataloader_num_workers="8")),
 }
 GPU_RECIPES = {"base"}  # refused without a CUDA GPU: on a CPU they would take days
-# The guidance a recipe's models are scored with where it is not the pipeline's default: five of six `same-colour`
-# runs pass both test files at 3, three at 5; on fresh label sets the two are level (README).
+# The guidance a recipe's models are scored with where it is not the pipeline's default: six of nine `same-colour`
+# runs pass both test files at 3, four at 5; on fresh label sets the two are level (README).
 RECIPE_GUIDANCE = {"same-colour": 3.0}
 QUICK = {"scenes": 300, "flags": ["--preset", "tiny", "--max_train_steps", "60", "--lr_warmup_steps", "10", "--logging_steps", "20"]}
 

@@ -122,6 +122,8 @@ def test_training_steps_make_no_host_sync(tmp_path, synthetic_dir):
 
     def host_syncs(steps, logging_steps):
         output_dir = tmp_path / f"{steps}-{logging_steps}"
+        # One loader worker: the data transforms then run in a process of their own, uncounted; on a GPU machine
+        # their checks read CPU tensors, which waits for nothing.
         args = training_args(output_dir, synthetic_dir, "--max_train_steps", steps, "--train_batch_size", 2,
                              "--logging_steps", logging_steps, "--dataloader_num_workers", 1)
         result = run_python("tests/count_host_syncs.py", *args)
