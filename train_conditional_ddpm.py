@@ -165,6 +165,14 @@ def check_resumable(checkpoint: Path, training_state: dict):
                 f" and this run asks for {shown_setting(key, training_state[key])}; use the same setting or start a"
                 " new --output_dir"
             )
+    # Allowed (more GPUs, a smaller batch to fit memory), but the step count no longer maps to the same data.
+    if saved.get("samples_per_step", training_state["samples_per_step"]) != training_state["samples_per_step"]:
+        logger.warning(
+            f"{checkpoint} was trained with {saved['samples_per_step']} samples per step (batch x processes x"
+            f" accumulation) and this run takes {training_state['samples_per_step']}: it goes on from step"
+            f" {saved['global_step']}, but its epochs and data order will not match those of an uninterrupted run",
+            main_process_only=True,
+        )
     return saved["global_step"]
 
 
@@ -281,6 +289,7 @@ def main(args):
         "prediction_type": args.prediction_type,
         "ddpm_num_steps": args.ddpm_num_steps,
         "ddpm_beta_schedule": args.ddpm_beta_schedule,
+        "samples_per_step": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
     }
 
     # Checkpoints hold the pipeline in save_pretrained form (plus the EMA weights), not a bare state dict.

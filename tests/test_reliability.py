@@ -1,8 +1,10 @@
 """Training survives faults, inputs are checked at the boundary, and nothing already written is lost."""
 
 import json
+import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -217,6 +219,17 @@ def test_resuming_with_other_model_settings_is_refused(tiny_checkpoint, syntheti
     args = training_args(tiny_checkpoint, synthetic_dir, "--max_train_steps", 4, "--resume_from_checkpoint", "latest", *change)
     with pytest.raises(SystemExit, match=f"cannot resume from .*checkpoint-2: it was {message}"):
         train_main(args)
+
+
+def test_resuming_with_another_batch_size_warns_and_goes_on(tiny_checkpoint, synthetic_dir, tmp_path, caplog):
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tiny_checkpoint, resumed)
+    args = training_args(resumed, synthetic_dir, "--max_train_steps", 3, "--resume_from_checkpoint", "latest", "--train_batch_size", 2)
+    with caplog.at_level(logging.INFO):
+        train_main(args)
+    assert "trained with 4 samples per step (batch x processes x accumulation) and this run takes 2" in caplog.text
+    assert f"resumed from {resumed / 'checkpoint-2'} at step 2" in caplog.text
+    assert (resumed / "model_index.json").is_file()
 
 
 # --- Security --------------------------------------------------------------------------------------------------------
