@@ -13,22 +13,20 @@ divided by the total number of labels.
 
 import argparse
 import json
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
 from PIL import Image, ImageDraw
 from torch import nn
 from torchvision.models import resnet18
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
-import cli
-from atomic_io import atomic_write, atomic_write_text, staged_directory
-from iclevr_data import (
+from cond_ddpm import cli
+from cond_ddpm.atomic_io import atomic_write, atomic_write_text, staged_directory
+from cond_ddpm.data import (
     NEW_TEST_JSON,
     OBJECTS_JSON,
     TEST_JSON,
@@ -39,21 +37,17 @@ from iclevr_data import (
     split_by_scene,
     with_training_transform,
 )
-from pipeline_cond_ddpm import DEFAULT_GUIDANCE_SCALE, CondDDPMPipeline, multi_hot
+from pipeline_cond_ddpm import (
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_NUM_INFERENCE_STEPS,
+    DEFAULT_SCHEDULER,
+    SCHEDULERS,
+    CondDDPMPipeline,
+    multi_hot,
+)
 
 EVALUATOR_RESOLUTION = 64
 EVALUATOR_TRAIN_RESOLUTION = 32  # the course's evaluator saw 32x32 images upsampled to 64x64
-# Each builds a sampler from the trained DDPM config. "dpm++sde" and "euler-a" add fresh noise at every step.
-SCHEDULERS = {
-    "ddpm": DDPMScheduler.from_config,
-    "ddim": DDIMScheduler.from_config,
-    "dpm++": DPMSolverMultistepScheduler.from_config,
-    "dpm++sde": partial(DPMSolverMultistepScheduler.from_config, algorithm_type="sde-dpmsolver++"),
-    "euler-a": EulerAncestralDiscreteScheduler.from_config,
-}
-# The README's accuracy table: on five trained models, Euler ancestral with 25 steps scores higher on both label files
-# than DPM-Solver++ with 10 (which the sampling table found to lose nothing against 1000-step DDPM).
-DEFAULT_SCHEDULER, DEFAULT_NUM_INFERENCE_STEPS = "euler-a", 25
 
 
 # --- The evaluator -------------------------------------------------------------------------------------------------
@@ -76,7 +70,9 @@ def load_evaluator(path, num_classes: int, device="cpu") -> nn.Module:
         raise ValueError(f"{path} is not a PyTorch checkpoint of plain tensors: {str(error).splitlines()[0]}") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
         found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise ValueError(f"{path} must hold {{'model': state_dict}} (the official checkpoint.pth format); found {found}")
+        raise ValueError(
+            f"{path} must hold {{'model': state_dict}} (the official checkpoint.pth format); found {found}"
+        )
     model = build_evaluator(num_classes)
     try:
         model.load_state_dict(checkpoint["model"])
@@ -131,7 +127,11 @@ def load_pipeline(path, class_names: list[str], device) -> CondDDPMPipeline:
         raise FileNotFoundError(f"{path} is not a saved pipeline (it has no model_index.json)")
     pipeline = CondDDPMPipeline.from_pretrained(path).to(device)
     if pipeline.class_names != class_names:
-        differences = [f"{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(pipeline.class_names, class_names, strict=False)) if a != b]
+        differences = [
+            f"{i}: {a!r} vs {b!r}"
+            for i, (a, b) in enumerate(zip(pipeline.class_names, class_names, strict=False))
+            if a != b
+        ]
         raise ValueError(
             f"the pipeline in {path} knows {len(pipeline.class_names)} objects and objects.json {len(class_names)},"
             f" and they differ ({'; '.join(differences[:5]) or 'in number'}); score with the objects.json it was"
@@ -153,9 +153,7 @@ def generate(pipeline, label_sets, num_inference_steps, guidance_scale, seed=0, 
     for start in range(0, len(label_sets), batch_size):
         batch = label_sets[start : start + batch_size]
         generators = [torch.Generator(pipeline.device).manual_seed(seed + start + i) for i in range(len(batch))]
-        images = pipeline(
-            batch, num_inference_steps, guidance_scale, generator=generators, output_type="pt"
-        ).images
+        images = pipeline(batch, num_inference_steps, guidance_scale, generator=generators, output_type="pt").images
         # Quantise where the pipeline's PNGs would, then upsample and quantise again for the 64x64 files.
         images = (images.float() * 255).round() / 255
         chunks.append(to_evaluator_pixels(images.cpu()))
@@ -186,14 +184,19 @@ def score_folder(evaluator, folder, label_sets, class_names) -> float:
 
 def score(args):
     class_names = read_objects_json(args.objects_json)
-    splits = {"test": read_label_sets(args.test_json, class_names), "new_test": read_label_sets(args.new_test_json, class_names)}
+    splits = {
+        "test": read_label_sets(args.test_json, class_names),
+        "new_test": read_label_sets(args.new_test_json, class_names),
+    }
     evaluator = load_evaluator(args.evaluator_checkpoint, len(class_names), args.device)
     pipeline = load_pipeline(args.pipeline, class_names, args.device)
     set_scheduler(pipeline, args.scheduler)
     metrics = {}
     with staged_directory(args.output_dir, overwrite=args.overwrite_output_dir) as out:
         for split, label_sets in splits.items():
-            images = generate(pipeline, label_sets, args.num_inference_steps, args.guidance_scale, args.seed, args.batch_size)
+            images = generate(
+                pipeline, label_sets, args.num_inference_steps, args.guidance_scale, args.seed, args.batch_size
+            )
             write_pngs(images, out / split)
             save_image(images.float() / 255, out / f"{split}_grid.png", nrow=8)
             metrics[split] = score_folder(evaluator, out / split, label_sets, class_names)
@@ -206,7 +209,9 @@ def score(args):
             evaluator_checkpoint=str(args.evaluator_checkpoint),
         )
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(f"test accuracy {metrics['test']:.4f}, new_test accuracy {metrics['new_test']:.4f}; images in {args.output_dir}")
+    print(
+        f"test accuracy {metrics['test']:.4f}, new_test accuracy {metrics['new_test']:.4f}; images in {args.output_dir}"
+    )
     return metrics
 
 
@@ -241,7 +246,9 @@ def train_evaluator(args):
     model = build_evaluator(train_y.shape[1]).to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=1e-4)
     steps_per_epoch = -(-len(train_x) // args.train_batch_size)
-    lr_schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.learning_rate, total_steps=args.num_epochs * steps_per_epoch)
+    lr_schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, args.learning_rate, total_steps=args.num_epochs * steps_per_epoch
+    )
     print(f"training on {len(train_x)} images, validating on {len(val_x)} images of held-out scenes")
     best = -1.0
     for epoch in range(args.num_epochs):
@@ -264,7 +271,10 @@ def train_evaluator(args):
         if val_accuracy > best:
             best = val_accuracy
             save_evaluator(model, args.output)
-    atomic_write_text(Path(args.output).with_suffix(".json"), json.dumps({"held_out_accuracy": best, **vars(args)}, indent=2, default=str) + "\n")
+    atomic_write_text(
+        Path(args.output).with_suffix(".json"),
+        json.dumps({"held_out_accuracy": best, **vars(args)}, indent=2, default=str) + "\n",
+    )
     print(f"best held-out accuracy {best:.4f}; evaluator saved to {args.output}")
     return best
 
@@ -291,7 +301,9 @@ def denoise(args):
     figure = Image.new("RGB", (tile * len(frames), tile + 16), "white")
     draw = ImageDraw.Draw(figure)
     for i, (timestep, image) in enumerate(frames):
-        array = F.interpolate(image.float().cpu(), size=tile, mode="nearest")[0].permute(1, 2, 0).mul(255).round().byte()
+        array = (
+            F.interpolate(image.float().cpu(), size=tile, mode="nearest")[0].permute(1, 2, 0).mul(255).round().byte()
+        )
         figure.paste(Image.fromarray(array.numpy()), (i * tile, 0))
         draw.text((i * tile + 4, tile + 2), f"t={timestep}", fill="black")
     atomic_write(args.output, lambda temporary: figure.save(temporary, format="PNG"))

@@ -12,69 +12,52 @@ import operator
 import os
 import shutil
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
-from torch import nn
-
-from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel, UNet2DModel
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    ImagePipelineOutput,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import create_repo, snapshot_download, upload_folder
+from torch import nn
 
-# Model sizes. `attention_levels` counts UNet levels from full resolution (0); `cross_attention` switches from an
-# added label embedding alone to `UNet2DConditionModel`, whose attention layers also attend to one token per object;
-# `cross_only_levels` (optional) lists the attention levels that attend to the tokens only, with no self-attention.
-# The CPU model (resolution 32; best in the README's hour on a CPU): one ResNet block per level, cross-attention at 8x8
-# to object tokens that share a vector per word of the names ("red", "cube"). Its variants below name what they change.
-CPU_MODEL = dict(
-    block_out_channels=(32, 64, 128), layers_per_block=1, attention_levels=(2,), cross_attention=True, shared_words=True
-)
+# Model sizes, one per use. `attention_levels` counts UNet levels from full resolution (0); `cross_attention` switches
+# from an added label embedding alone to `UNet2DConditionModel`, whose attention layers also attend to one token per
+# object, made of a vector of its own plus one per word of its name ("red", "cube"), shared by objects that share it.
 PRESETS = {
-    # Tests and CPU smoke runs: 0.7M parameters.
+    # Tests and smoke runs: 0.7M parameters, no attention.
     "tiny": dict(block_out_channels=(32, 64), layers_per_block=1, attention_levels=(), cross_attention=False),
-    # Resolution 32 on a CPU: 4.1M parameters, self-attention at 8x8.
-    "small": dict(block_out_channels=(32, 64, 128), layers_per_block=2, attention_levels=(2,), cross_attention=False),
-    # Cheaper per image (one ResNet block per level, no attention): 2.6M parameters, 1.7x the images/s of small on a CPU.
-    "small-fast": dict(block_out_channels=(32, 64, 128), layers_per_block=1, attention_levels=(), cross_attention=False),
-    # small-fast with cross-attention to the object tokens at 8x8: 4.0M parameters, about the images/s of small.
-    "small-fast-xattn": dict(block_out_channels=(32, 64, 128), layers_per_block=1, attention_levels=(2,), cross_attention=True),
-    # The CPU model: small-fast-xattn whose object tokens share a vector per word of the names, same size and speed.
-    "small-fast-xattn-words": CPU_MODEL,
-    # small-fast-xattn-words whose tokens are their words alone, no vector of the object's own: "red cube" is "red" plus
-    # "cube", so all that is learned about a colour or a shape is shared (a variant compared in the README).
-    "small-fast-xattn-words-only": dict(CPU_MODEL, words_only=True),
-    # small-fast-xattn-words with a fourth level, 256 channels at 4x4 with cross-attention, where the whole scene's layout
-    # is one feature map: 16.9M parameters, 0.7x the images/s (a variant compared in the README).
-    "small-fast-xattn-words-4levels": dict(CPU_MODEL, block_out_channels=(32, 64, 128, 256), attention_levels=(2, 3)),
-    # small-fast-xattn-words with two transformer layers (self- and cross-attention) at 8x8 and in the middle, where
-    # objects that share a colour must be told apart: 5.4M parameters, 0.8x the images/s (a variant compared in the README).
-    "small-fast-xattn2-words": dict(CPU_MODEL, transformer_layers=2),
-    # small-fast-xattn-words with cross-attention alone (no self-attention) at 16x16 as well, where a 32x32 scene's
-    # objects are two or three cells wide and two of one colour are drawn apart (a variant compared in the README).
-    "small-fast-xattn-words-cross16": dict(CPU_MODEL, attention_levels=(1, 2), cross_only_levels=(1,)),
-    # small-fast-xattn-words whose object tokens first pass through one transformer layer over the label set, so each
-    # token knows the scene's other objects, meant to set two gray objects' shapes apart (a variant compared in the README;
-    # it did not beat small-fast-xattn-words).
-    "small-fast-xattn-words-context": dict(CPU_MODEL, token_layers=1),
-    # small-fast-xattn with cross-attention at 16x16 as well (a variant compared in the README).
-    "small-fast-xattn16": dict(
-        block_out_channels=(32, 64, 128), layers_per_block=1, attention_levels=(1, 2), cross_attention=True
-    ),
-    # small with cross-attention to the object tokens (a variant compared in the README).
-    "small-xattn": dict(block_out_channels=(32, 64, 128), layers_per_block=2, attention_levels=(2,), cross_attention=True),
-    # small-xattn with shared words: small-fast-xattn-words with two ResNet blocks per level (a variant compared in the README).
-    "small-xattn-words": dict(CPU_MODEL, layers_per_block=2),
-    # The i-CLEVR GPU model (resolution 64): 78M parameters, attention at 16x16 and 8x8.
-    "base": dict(
-        block_out_channels=(128, 256, 256, 512), layers_per_block=2, attention_levels=(2, 3), cross_attention=False
+    # The CPU model, trained at 32x32: 4.0M parameters, cross-attention at 8x8 and in the middle.
+    "cpu": dict(block_out_channels=(32, 64, 128), layers_per_block=1, attention_levels=(2,), cross_attention=True),
+    # The GPU model, trained at 64x64: cross-attention at 16x16, 8x8 and in the middle.
+    "gpu": dict(
+        block_out_channels=(64, 128, 256, 256), layers_per_block=2, attention_levels=(2, 3), cross_attention=True
     ),
 }
 OUTPUT_TYPES = ("pil", "np", "pt")
-# The best guidance in the README's sampling table; every script that samples defaults to it (benchmarks/quality.py
-# unless the recipe has its own: a model's best guidance depends on how it was trained).
-DEFAULT_GUIDANCE_SCALE = 5.0
+# Samplers by name, each built from the trained DDPM config; "dpm++sde" and "euler-a" add fresh noise at every step.
+SCHEDULERS = {
+    "ddpm": DDPMScheduler.from_config,
+    "ddim": DDIMScheduler.from_config,
+    "dpm++": DPMSolverMultistepScheduler.from_config,
+    "dpm++sde": partial(DPMSolverMultistepScheduler.from_config, algorithm_type="sde-dpmsolver++"),
+    "euler-a": EulerAncestralDiscreteScheduler.from_config,
+}
+# The sampling defaults of every command, the model card and the docs (docs/results.md: chosen on held-out label sets).
+DEFAULT_SCHEDULER = "euler-a"
+DEFAULT_NUM_INFERENCE_STEPS = 25
+DEFAULT_GUIDANCE_SCALE = 3.0
 
 
 def multi_hot(labels, class_names: Sequence[str]) -> torch.Tensor:
@@ -134,60 +117,30 @@ class LabelEmbedding(ModelMixin, ConfigMixin):
     Each object has a learned vector; a label set is the sum of its objects' vectors, passed through an MLP and
     added to the UNet's time embedding, so it reaches every resolution. The empty (all-zero) label set, the "null"
     condition of classifier-free guidance, has its own learned vector. With `cross_attention_dim`, the module also
-    hands the UNet one token per present object (plus the null token, so no row attends to nothing). With
-    `shared_words`, an object's token is its own vector plus one vector per word of its name ("red", "cube"): objects
-    that share a colour or a shape share part of their token, so what is learned about one carries to the others;
-    with `words_only` as well, the token is its words' vectors alone (plus one vector that every token shares).
-    With `token_layers`, the tokens of a label set then attend to one another (as a text encoder's words do), so a
-    token can stress what sets its object apart from the others in the scene, such as the shape of one of two gray objects.
+    hands the UNet one token per present object (plus the null token, so no row attends to nothing). An object's
+    token is its own vector plus one vector per word of its name ("red", "cube"): objects that share a colour or a
+    shape share part of their token, so what is learned about one carries to the others.
 
     Args:
         class_names (`list[str]`): the vocabulary, in objects.json index order.
         embedding_dim (`int`): width of the UNet's time embedding.
         cross_attention_dim (`int`, *optional*): width of the object tokens; `None` for a `UNet2DModel`.
-        shared_words (`bool`, *optional*, defaults to `False`): build the object tokens from the words of the names.
-        words_only (`bool`, *optional*, defaults to `False`): with `shared_words`, give the objects no token vectors of their own.
-        token_layers (`int`, *optional*, defaults to 0): transformer layers over each label set's tokens.
     """
 
     @register_to_config
-    def __init__(
-        self,
-        class_names: list[str],
-        embedding_dim: int,
-        cross_attention_dim: int | None = None,
-        shared_words: bool = False,
-        words_only: bool = False,
-        token_layers: int = 0,
-    ):
+    def __init__(self, class_names: list[str], embedding_dim: int, cross_attention_dim: int | None = None):
         super().__init__()
-        if shared_words and cross_attention_dim is None:
-            raise ValueError("shared_words=True builds the object tokens of cross-attention, so it needs a cross_attention_dim, got None")
-        if words_only and not shared_words:
-            raise ValueError("words_only=True builds the object tokens from their words alone, so it needs shared_words=True, got False")
-        if not isinstance(token_layers, int) or token_layers < 0:
-            raise ValueError(f"token_layers must be a whole number >= 0, got {token_layers!r}")
-        if token_layers and cross_attention_dim is None:
-            raise ValueError(f"token_layers={token_layers} works on the object tokens of cross-attention, so it needs a cross_attention_dim, got None")
         self.objects = nn.Embedding(len(class_names), embedding_dim)
         self.null = nn.Parameter(torch.randn(embedding_dim) * 0.02)
         self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(embedding_dim, embedding_dim))
         if cross_attention_dim is not None:
-            # One row per object and the null token's, last; with words_only a single row, added to every token, so
-            # the null token (which has no words) still differs from the others.
-            self.object_tokens = nn.Embedding(1 if words_only else len(class_names) + 1, cross_attention_dim)
-        if shared_words:
+            self.object_tokens = nn.Embedding(len(class_names) + 1, cross_attention_dim)  # the null token's is last
             words = sorted({word for name in class_names for word in name.split()})
             name_words = torch.zeros(len(class_names) + 1, len(words))  # the null token has no words
             for row, name in enumerate(class_names):
                 name_words[row, [words.index(word) for word in name.split()]] = 1
             self.register_buffer("name_words", name_words, persistent=False)
             self.word_tokens = nn.Embedding(len(words), cross_attention_dim)
-        if token_layers:
-            layer = nn.TransformerEncoderLayer(
-                cross_attention_dim, nhead=8, dim_feedforward=4 * cross_attention_dim, dropout=0.0, batch_first=True, norm_first=True
-            )
-            self.token_encoder = nn.TransformerEncoder(layer, token_layers, enable_nested_tensor=False)
 
     def forward(self, multi_hot_labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Return the keyword arguments for the UNet's forward call."""
@@ -196,16 +149,9 @@ class LabelEmbedding(ModelMixin, ConfigMixin):
         is_null = labels.sum(dim=1, keepdim=True) == 0
         conditioning = {"class_labels": self.mlp(torch.where(is_null, self.null, summed))}
         if self.config.cross_attention_dim is not None:
-            batch = labels.shape[0]
-            tokens = self.object_tokens.weight
-            if self.config.shared_words:
-                tokens = tokens + self.name_words @ self.word_tokens.weight  # broadcasts the one row of words_only
-            present = torch.cat([labels, torch.ones_like(labels[:, :1])], dim=1)
-            tokens = tokens.expand(batch, -1, -1)
-            if self.config.token_layers:
-                tokens = self.token_encoder(tokens, src_key_padding_mask=present == 0)
-            conditioning["encoder_hidden_states"] = tokens
-            conditioning["encoder_attention_mask"] = present
+            tokens = self.object_tokens.weight + self.name_words @ self.word_tokens.weight
+            conditioning["encoder_hidden_states"] = tokens.expand(labels.shape[0], -1, -1)
+            conditioning["encoder_attention_mask"] = torch.cat([labels, torch.ones_like(labels[:, :1])], dim=1)
         return conditioning
 
 
@@ -238,7 +184,7 @@ class CondDDPMPipeline(DiffusionPipeline):
         resolution: int,
         num_train_timesteps: int = 1000,
         beta_schedule: str = "squaredcos_cap_v2",
-        prediction_type: str = "epsilon",
+        prediction_type: str = "v_prediction",
     ) -> "CondDDPMPipeline":
         """Build an untrained pipeline of the model size `name` (a key of `PRESETS`) for `resolution`-pixel images."""
         if name not in PRESETS:
@@ -258,14 +204,12 @@ class CondDDPMPipeline(DiffusionPipeline):
                 out_channels=3,
                 block_out_channels=channels,
                 layers_per_block=preset["layers_per_block"],
-                down_block_types=[
-                    "CrossAttnDownBlock2D" if i in attention else "DownBlock2D" for i in range(levels)
-                ],
+                down_block_types=["CrossAttnDownBlock2D" if i in attention else "DownBlock2D" for i in range(levels)],
                 mid_block_type="UNetMidBlock2DCrossAttn",
-                up_block_types=["CrossAttnUpBlock2D" if i in attention else "UpBlock2D" for i in reversed(range(levels))],
+                up_block_types=[
+                    "CrossAttnUpBlock2D" if i in attention else "UpBlock2D" for i in reversed(range(levels))
+                ],
                 cross_attention_dim=channels[-1],
-                transformer_layers_per_block=preset.get("transformer_layers", 1),
-                only_cross_attention=[i in preset.get("cross_only_levels", ()) for i in range(levels)],
                 attention_head_dim=8,
                 class_embed_type="identity",
                 resnet_time_scale_shift="scale_shift",
@@ -285,9 +229,6 @@ class CondDDPMPipeline(DiffusionPipeline):
             class_names=list(class_names),
             embedding_dim=channels[0] * 4,
             cross_attention_dim=channels[-1] if preset["cross_attention"] else None,
-            shared_words=preset.get("shared_words", False),
-            words_only=preset.get("words_only", False),
-            token_layers=preset.get("token_layers", 0),
         )
         scheduler = DDPMScheduler(
             num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, prediction_type=prediction_type
@@ -303,7 +244,9 @@ class CondDDPMPipeline(DiffusionPipeline):
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
         if not isinstance(guidance_scale, (int, float)) or not guidance_scale >= 0:
-            raise ValueError(f"guidance_scale must be a number >= 0 (1 or less turns guidance off), got {guidance_scale!r}")
+            raise ValueError(
+                f"guidance_scale must be a number >= 0 (1 or less turns guidance off), got {guidance_scale!r}"
+            )
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         return multi_hot(labels, self.class_names)
@@ -327,9 +270,9 @@ class CondDDPMPipeline(DiffusionPipeline):
                 The objects to draw: a list of label sets, each a list of object names (`"red cube"`) or indices,
                 or a multi-hot array of shape (batch, number of objects). An empty label set draws unconditionally.
             num_inference_steps (`int`, *optional*, defaults to 1000):
-                The number of denoising steps. DDPM needs the full 1000; DPM-Solver++ matches it in 10
-                (the README's sampling table).
-            guidance_scale (`float`, *optional*, defaults to 5.0):
+                The number of denoising steps. The bundled DDPM scheduler needs the full 1000; the project's default
+                sampler, `SCHEDULERS[DEFAULT_SCHEDULER]` (Euler ancestral), needs `DEFAULT_NUM_INFERENCE_STEPS` (25).
+            guidance_scale (`float`, *optional*, defaults to `DEFAULT_GUIDANCE_SCALE` (3.0)):
                 Classifier-free guidance weight. Values above 1 push the image towards its labels, at the cost of a
                 second (unconditional) UNet pass in the same batch; 1 or less skips that pass.
             generator (`torch.Generator`, *optional*):
@@ -346,12 +289,11 @@ class CondDDPMPipeline(DiffusionPipeline):
         Example:
 
         ```py
-        >>> from diffusers import DPMSolverMultistepScheduler
-        >>> from pipeline_cond_ddpm import CondDDPMPipeline
+        >>> from pipeline_cond_ddpm import DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_SCHEDULER, SCHEDULERS, CondDDPMPipeline
 
         >>> pipe = CondDDPMPipeline.from_preset("tiny", ["red cube", "blue sphere"], resolution=16)
-        >>> pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-        >>> images = pipe([["red cube", "blue sphere"], ["blue sphere"]], num_inference_steps=10).images
+        >>> pipe.scheduler = SCHEDULERS[DEFAULT_SCHEDULER](pipe.scheduler.config)
+        >>> images = pipe([["red cube", "blue sphere"], ["blue sphere"]], DEFAULT_NUM_INFERENCE_STEPS).images
         >>> len(images), images[0].size
         (2, (16, 16))
         ```
@@ -375,7 +317,9 @@ class CondDDPMPipeline(DiffusionPipeline):
         image = image * self.scheduler.init_noise_sigma
 
         # Schedulers that add fresh noise at each step take the generator; deterministic ones have no such argument.
-        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        step_kwargs = (
+            {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        )
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_input = torch.cat([image, image]) if do_guidance else image
             model_input = self.scheduler.scale_model_input(model_input, t)
@@ -417,7 +361,12 @@ class CondDDPMPipeline(DiffusionPipeline):
             token = hub_kwargs.get("token")
             repo_id = hub_kwargs.get("repo_id", Path(save_directory).name)
             repo_id = create_repo(repo_id, private=hub_kwargs.get("private"), token=token, exist_ok=True).repo_id
-            upload_folder(repo_id=repo_id, folder_path=save_directory, token=token, commit_message=hub_kwargs.get("commit_message"))
+            upload_folder(
+                repo_id=repo_id,
+                folder_path=save_directory,
+                token=token,
+                commit_message=hub_kwargs.get("commit_message"),
+            )
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):

@@ -28,24 +28,14 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling, compute_snr
+from diffusers.training_utils import EMAModel, compute_snr
 from torch import nn
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
-import cli
-import hub
-from atomic_io import INCOMPLETE_PREFIX, atomic_write_text, staged_contents, staged_directory
-from evaluate_iclevr import (
-    DEFAULT_NUM_INFERENCE_STEPS,
-    DEFAULT_SCHEDULER,
-    SCHEDULERS,
-    evaluate,
-    generate,
-    load_evaluator,
-    set_scheduler,
-)
-from iclevr_data import (
+from cond_ddpm import cli, hub
+from cond_ddpm.atomic_io import INCOMPLETE_PREFIX, atomic_write_text, staged_contents, staged_directory
+from cond_ddpm.data import (
     NEW_TEST_JSON,
     OBJECTS_JSON,
     TEST_JSON,
@@ -56,7 +46,17 @@ from iclevr_data import (
     read_label_sets,
     repeat_same_colour_pairs,
 )
-from pipeline_cond_ddpm import DEFAULT_GUIDANCE_SCALE, PRESETS, CondDDPMPipeline, multi_hot
+from cond_ddpm.recipes import DEFAULT_RECIPE, RECIPES
+from evaluate_iclevr import evaluate, generate, load_evaluator, set_scheduler
+from pipeline_cond_ddpm import (
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_NUM_INFERENCE_STEPS,
+    DEFAULT_SCHEDULER,
+    PRESETS,
+    SCHEDULERS,
+    CondDDPMPipeline,
+    multi_hot,
+)
 
 logger = get_logger(__name__)
 # Settings a checkpoint must share with the run that resumes it: anything else changes the model or its meaning.
@@ -79,7 +79,9 @@ class Denoiser(nn.Module):
 
 def load_training_data(args):
     if args.dataset_name:
-        return load_hub_dataset(args.dataset_name, args.resolution, args.image_column, args.label_column, args.objects_json)
+        return load_hub_dataset(
+            args.dataset_name, args.resolution, args.image_column, args.label_column, args.objects_json
+        )
     if args.train_data_dir:
         return load_iclevr_dataset(args.train_data_dir, args.train_json, args.objects_json, args.resolution)
     folder = default_synthetic_dataset(args.synthetic_scenes, args.seed)
@@ -110,7 +112,9 @@ def find_checkpoints(output_dir: Path) -> list[Path]:
         if not folder.name.split("-")[1].isdigit():
             continue
         if not (folder / "training_state.json").is_file():
-            logger.warning(f"skipping {folder}: it has no training_state.json, so it is incomplete", main_process_only=True)
+            logger.warning(
+                f"skipping {folder}: it has no training_state.json, so it is incomplete", main_process_only=True
+            )
             continue
         found.append(folder)
     return sorted(found, key=checkpoint_step)
@@ -127,7 +131,9 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, training_state: di
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         # Written last: its presence is what marks a checkpoint finished (see `find_checkpoints`).
-        atomic_write_text(staging / "training_state.json", json.dumps({**training_state, "global_step": step}, indent=2))
+        atomic_write_text(
+            staging / "training_state.json", json.dumps({**training_state, "global_step": step}, indent=2)
+        )
         if final.exists():
             shutil.rmtree(final)
         staging.replace(final)
@@ -278,7 +284,7 @@ def main(args):
                 power=args.ema_power,
                 model_cls=type(module),
                 model_config=module.config,
-                foreach=True,  # all tensors at once: tensor by tensor, the EMA cost the GPU `base` run 9% of its images/s
+                foreach=True,  # all tensors at once: tensor by tensor, the EMA cost a GPU run 9% of its images/s
             )
             for name, module in (("unet", denoiser.unet), ("label_embedding", denoiser.label_embedding))
         }
@@ -343,12 +349,19 @@ def main(args):
     if args.evaluator_checkpoint and accelerator.is_main_process:
         evaluator = load_evaluator(args.evaluator_checkpoint, len(class_names), accelerator.device)
     if accelerator.is_main_process:
-        accelerator.init_trackers("cond_ddpm", config={k: v for k, v in vars(args).items() if k != "hub_token" and isinstance(v, (int, float, str, bool))})
+        accelerator.init_trackers(
+            "cond_ddpm",
+            config={k: v for k, v in vars(args).items() if k != "hub_token" and isinstance(v, (int, float, str, bool))},
+        )
 
     # Resume: weights, EMA, optimizer, LR schedule, RNG states, then the data order up to the saved step.
     global_step = 0
     if args.resume_from_checkpoint:
-        checkpoints = find_checkpoints(output_dir) if args.resume_from_checkpoint == "latest" else [Path(args.resume_from_checkpoint)]
+        checkpoints = (
+            find_checkpoints(output_dir)
+            if args.resume_from_checkpoint == "latest"
+            else [Path(args.resume_from_checkpoint)]
+        )
         if not checkpoints:
             logger.warning(f"no finished checkpoint in {output_dir}; starting a new run", main_process_only=True)
         else:
@@ -368,7 +381,9 @@ def main(args):
         main_process_only=True,
     )
     stop = StopRequest()
-    progress = tqdm(range(max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process, desc="steps")
+    progress = tqdm(
+        range(max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process, desc="steps"
+    )
     running_loss = torch.zeros((), device=accelerator.device)
     running_count = 0
     interval_start = time.perf_counter()
@@ -388,18 +403,23 @@ def main(args):
                 flip = torch.rand(len(images), 1, 1, 1, device=images.device) < 0.5
                 images = torch.where(flip, images.flip(-1), images)
             noise = torch.randn_like(images)
-            timesteps = sample_timesteps(args, len(images), noise_scheduler.config.num_train_timesteps, images.device)
+            num_timesteps = noise_scheduler.config.num_train_timesteps
+            timesteps = torch.randint(0, num_timesteps, (len(images),), device=images.device)
             noisy_images = noise_scheduler.add_noise(images, noise, timesteps)
             # Classifier-free guidance: sometimes train on the null (all-zero) label.
             keep = torch.rand(len(labels), 1, device=labels.device) >= args.condition_dropout
             labels = labels * keep
-            target = noise if args.prediction_type == "epsilon" else noise_scheduler.get_velocity(images, noise, timesteps)
+            target = (
+                noise if args.prediction_type == "epsilon" else noise_scheduler.get_velocity(images, noise, timesteps)
+            )
             with accelerator.accumulate(denoiser):
                 prediction = denoiser(noisy_images, timesteps, labels)
                 loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
                 if args.snr_gamma is not None:  # min-SNR weighting (Hang et al. 2023)
                     snr = compute_snr(noise_scheduler, timesteps)
-                    weight = torch.clamp(snr, max=args.snr_gamma) / (snr if args.prediction_type == "epsilon" else snr + 1)
+                    weight = torch.clamp(snr, max=args.snr_gamma) / (
+                        snr if args.prediction_type == "epsilon" else snr + 1
+                    )
                     loss = loss * weight
                 loss = loss.mean()
                 accelerator.backward(loss)
@@ -426,10 +446,17 @@ def main(args):
                 verified_step = global_step
                 seconds, interval_start = time.perf_counter() - interval_start, time.perf_counter()
                 seen = running_count * args.train_batch_size * accelerator.num_processes
-                logs = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "epoch": epoch, "images_per_second": seen / seconds}
+                logs = {
+                    "loss": mean_loss,
+                    "lr": lr_scheduler.get_last_lr()[0],
+                    "epoch": epoch,
+                    "images_per_second": seen / seconds,
+                }
                 if emas:
                     logs["ema_decay"] = emas["unet"].cur_decay_value
-                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{logs['images_per_second']:.1f}")
+                progress.set_postfix(
+                    loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{logs['images_per_second']:.1f}"
+                )
                 accelerator.log(logs, step=global_step)
                 running_loss.zero_()
                 running_count = 0
@@ -453,7 +480,9 @@ def main(args):
             with ema_weights(accelerator, denoiser, emas):
                 pipeline = build_pipeline(accelerator, denoiser, noise_scheduler)
                 images = sample(args, pipeline, validation_labels)
-                accuracy = record_validation(args, accelerator, images, validation_multi_hot, evaluator, epoch, global_step)
+                accuracy = record_validation(
+                    args, accelerator, images, validation_multi_hot, evaluator, epoch, global_step
+                )
                 if accuracy is not None and accuracy > best_accuracy:
                     best_accuracy = accuracy
                     with staged_directory(output_dir / "best", overwrite=True) as folder:
@@ -475,7 +504,9 @@ def main(args):
                 pipeline.save_pretrained(folder)
                 location = args.hub_model_id if args.push_to_hub else str(output_dir.resolve())
                 settings = {**vars(args), "mixed_precision": accelerator.mixed_precision}
-                hub.write_model_card(folder, pipeline, settings, metrics, output_dir / "samples" / "latest.png", global_step, location)
+                hub.write_model_card(
+                    folder, pipeline, settings, metrics, output_dir / "samples" / "latest.png", global_step, location
+                )
         print(f"Pipeline saved to {output_dir}; samples in {output_dir / 'samples'}")
         if args.push_to_hub:
             url = hub.push(output_dir, args.hub_model_id or output_dir.name, args.hub_token, args.hub_private_repo)
@@ -483,17 +514,6 @@ def main(args):
     progress.close()
     accelerator.end_training()
     return output_dir
-
-
-def sample_timesteps(args, batch_size, num_train_timesteps, device):
-    """Uniform, as in DDPM; or logit-normal (SD3, Esser et al. 2024), which trains the middle of the schedule more
-    often and, with a positive --logit_mean, the noisier half, where the scene's layout is decided."""
-    if args.timestep_sampling == "uniform":
-        return torch.randint(0, num_train_timesteps, (batch_size,), device=device)
-    u = compute_density_for_timestep_sampling(
-        "logit_normal", batch_size, logit_mean=args.logit_mean, logit_std=args.logit_std, device=device
-    )
-    return (u * num_train_timesteps).long().clamp(max=num_train_timesteps - 1)
 
 
 @contextmanager
@@ -515,7 +535,9 @@ def sample(args, pipeline, label_sets) -> torch.Tensor:
     sampler = CondDDPMPipeline(pipeline.unet, pipeline.label_embedding, pipeline.scheduler)
     set_scheduler(sampler, args.validation_scheduler)
     sampler.set_progress_bar_config(disable=True)
-    return generate(sampler, label_sets, args.ddpm_num_inference_steps, args.guidance_scale, args.seed, args.eval_batch_size)
+    return generate(
+        sampler, label_sets, args.ddpm_num_inference_steps, args.guidance_scale, args.seed, args.eval_batch_size
+    )
 
 
 def record_validation(args, accelerator, images, labels, evaluator, epoch, step):
@@ -540,8 +562,14 @@ def final_scores(args, pipeline, evaluator) -> dict:
     scores = {}
     for split, path in (("test", TEST_JSON), ("new_test", NEW_TEST_JSON)):
         label_sets = read_label_sets(path, pipeline.class_names)
-        scores[split] = evaluate(evaluator, sample(args, pipeline, label_sets), multi_hot(label_sets, pipeline.class_names))
-    scores.update(scheduler=args.validation_scheduler, num_inference_steps=args.ddpm_num_inference_steps, guidance_scale=args.guidance_scale)
+        scores[split] = evaluate(
+            evaluator, sample(args, pipeline, label_sets), multi_hot(label_sets, pipeline.class_names)
+        )
+    scores.update(
+        scheduler=args.validation_scheduler,
+        num_inference_steps=args.ddpm_num_inference_steps,
+        guidance_scale=args.guidance_scale,
+    )
     logger.info(f"test accuracy {scores['test']:.4f}, new_test accuracy {scores['new_test']:.4f}")
     return scores
 
@@ -551,7 +579,8 @@ def check_launch(accelerator):
     launched = [int(os.environ.get(v, "1")) for v in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")]
     if max(launched) > accelerator.num_processes:
         raise ValueError(
-            f"{max(launched)} processes were launched but each runs alone (Accelerate sees {accelerator.num_processes});"
+            f"{max(launched)} processes were launched but each runs alone"
+            f" (Accelerate sees {accelerator.num_processes});"
             " launch with `accelerate launch --multi_gpu --num_processes N` (on CPU: ACCELERATE_USE_CPU=1) or"
             " `accelerate launch --config_file accelerate_config.yaml`"
         )
@@ -577,6 +606,12 @@ def check_cpu_threads(accelerator):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        default=DEFAULT_RECIPE,
+        help="a shipped recipe (cond_ddpm/recipes.py) whose values are the defaults of the flags it names",
+    )
     data = parser.add_argument_group("data (none given: the built-in synthetic i-CLEVR set)")
     data.add_argument("--train_data_dir", help="folder of i-CLEVR images (real layout: also give --train_json)")
     data.add_argument("--train_json", help="file name -> list of object names")
@@ -584,36 +619,44 @@ def parse_args(argv=None):
     data.add_argument("--dataset_name", help="a Hub dataset, or a local save_to_disk / imagefolder path")
     data.add_argument("--image_column", default="image")
     data.add_argument("--label_column", default="objects", help="per image: a list of object names or ClassLabels")
-    data.add_argument("--synthetic_scenes", type=cli.positive_int, default=6000, help="size of the built-in set (3 images each)")
-    data.add_argument("--resolution", type=cli.positive_int, default=64)
-    data.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=False,
-                      help="mirror half the images; off by default, as in diffusers: the built-in scenes are lit from "
-                           "one side, so a mirrored scene shows a lighting that none of them has (README, Results)")
-    data.add_argument("--same_colour_repeats", type=cli.positive_int, default=1,
-                      help="show each image with two objects of one colour this many times per epoch (1: once, as "
-                           "every other image); new_test.json is mostly such pairs, train.json 11%%. On the built-in "
-                           "set it trades test.json accuracy for new_test.json's (README, Results)")
-    data.add_argument("--dataloader_num_workers", type=cli.non_negative_int, default=2)
+    data.add_argument("--synthetic_scenes", type=cli.positive_int, help="size of the built-in set (3 images each)")
+    data.add_argument("--resolution", type=cli.positive_int)
+    data.add_argument(
+        "--random_flip",
+        action=argparse.BooleanOptionalAction,
+        help="mirror half the images; off in the recipes: the built-in scenes are lit from one side, so a mirrored"
+        " scene shows a lighting that none of them has (docs/experiments.md)",
+    )
+    data.add_argument(
+        "--same_colour_repeats",
+        type=cli.positive_int,
+        help="show each image with two objects of one colour this many times per epoch (1: once, as every other"
+        " image); new_test.json is mostly such pairs, train.json 11%%",
+    )
+    data.add_argument("--dataloader_num_workers", type=cli.non_negative_int)
 
     model = parser.add_argument_group("model")
-    model.add_argument("--preset", default="base", choices=sorted(PRESETS))
+    model.add_argument("--preset", choices=sorted(PRESETS))
     model.add_argument("--ddpm_num_steps", type=cli.positive_int, default=1000)
-    model.add_argument("--ddpm_beta_schedule", default="squaredcos_cap_v2", choices=["linear", "scaled_linear", "squaredcos_cap_v2"])
-    model.add_argument("--prediction_type", default="v_prediction", choices=["epsilon", "v_prediction"])
-    model.add_argument("--condition_dropout", type=cli.probability, default=0.1, help="how often to train on the null label")
-    model.add_argument("--snr_gamma", type=cli.non_negative_float, default=5.0, help="min-SNR loss weighting; 0 turns it off")
-    model.add_argument("--timestep_sampling", default="uniform", choices=["uniform", "logit_normal"])
-    model.add_argument("--logit_mean", type=cli.finite_float, default=0.0, help="logit-normal timesteps: > 0 trains noisier ones more")
-    model.add_argument("--logit_std", type=cli.positive_float, default=1.0, help="logit-normal timesteps: the spread")
+    model.add_argument(
+        "--ddpm_beta_schedule", default="squaredcos_cap_v2", choices=["linear", "scaled_linear", "squaredcos_cap_v2"]
+    )
+    model.add_argument("--prediction_type", choices=["epsilon", "v_prediction"])
+    model.add_argument(
+        "--condition_dropout", type=cli.probability, default=0.1, help="how often to train on the null label"
+    )
+    model.add_argument("--snr_gamma", type=cli.non_negative_float, help="min-SNR loss weighting; 0 turns it off")
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--train_batch_size", type=cli.positive_int, default=64, help="per process")
+    optim.add_argument("--train_batch_size", type=cli.positive_int, help="per process")
     optim.add_argument("--num_epochs", type=cli.positive_int, default=300)
-    optim.add_argument("--max_train_steps", type=cli.positive_int, default=None, help="overrides --num_epochs")
+    optim.add_argument("--max_train_steps", type=cli.positive_int, help="overrides --num_epochs")
     optim.add_argument("--gradient_accumulation_steps", type=cli.positive_int, default=1)
-    optim.add_argument("--learning_rate", type=cli.positive_float, default=2e-4)
-    optim.add_argument("--lr_scheduler", default="cosine", choices=["linear", "cosine", "constant", "constant_with_warmup"])
-    optim.add_argument("--lr_warmup_steps", type=cli.non_negative_int, default=500)
+    optim.add_argument("--learning_rate", type=cli.positive_float)
+    optim.add_argument(
+        "--lr_scheduler", default="cosine", choices=["linear", "cosine", "constant", "constant_with_warmup"]
+    )
+    optim.add_argument("--lr_warmup_steps", type=cli.non_negative_int)
     optim.add_argument("--adam_beta1", type=float, default=0.9)
     optim.add_argument("--adam_beta2", type=float, default=0.999)
     optim.add_argument("--adam_weight_decay", type=float, default=0.0)
@@ -623,24 +666,34 @@ def parse_args(argv=None):
     optim.add_argument("--ema_inv_gamma", type=float, default=1.0)
     optim.add_argument("--ema_power", type=float, default=3 / 4)
     optim.add_argument("--ema_max_decay", type=float, default=0.9999)
-    optim.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="default: the accelerate config's")
+    optim.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"])
     optim.add_argument("--compile", action="store_true", help="torch.compile the model")
-    optim.add_argument("--seed", type=int, default=0,
-                       help="seeds the weights, noise and data order; without a dataset, also which built-in synthetic set is rendered")
+    optim.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds the weights, noise and data order; without a dataset, also which built-in synthetic set is"
+        " rendered",
+    )
 
     run = parser.add_argument_group("checkpoints, logging, samples")
     run.add_argument("--output_dir", default="cond-ddpm-iclevr")
     run.add_argument("--overwrite_output_dir", action="store_true")
-    run.add_argument("--checkpointing_steps", type=cli.positive_int, default=1000)
+    run.add_argument("--checkpointing_steps", type=cli.positive_int)
     run.add_argument("--checkpoints_total_limit", type=cli.positive_int, default=None)
     run.add_argument("--resume_from_checkpoint", help='a checkpoint folder, or "latest"')
     run.add_argument("--logger", default="tensorboard", choices=["tensorboard", "wandb", "none"])
     run.add_argument("--logging_steps", type=cli.positive_int, default=50)
-    run.add_argument("--save_images_epochs", type=cli.positive_int, default=10)
+    run.add_argument("--save_images_epochs", type=cli.positive_int)
     run.add_argument("--num_validation_images", type=cli.positive_int, default=32)
     run.add_argument("--eval_batch_size", type=cli.positive_int, default=64)
     run.add_argument("--validation_scheduler", default=DEFAULT_SCHEDULER, choices=sorted(SCHEDULERS))
-    run.add_argument("--ddpm_num_inference_steps", type=cli.positive_int, default=DEFAULT_NUM_INFERENCE_STEPS, help="sampling steps for samples")
+    run.add_argument(
+        "--ddpm_num_inference_steps",
+        type=cli.positive_int,
+        default=DEFAULT_NUM_INFERENCE_STEPS,
+        help="sampling steps for samples",
+    )
     run.add_argument("--guidance_scale", type=cli.non_negative_float, default=DEFAULT_GUIDANCE_SCALE)
     run.add_argument("--evaluator_checkpoint", help="ResNet18 evaluator ({'model': state_dict}) for accuracy")
 
@@ -650,6 +703,8 @@ def parse_args(argv=None):
     hub_args.add_argument("--hub_private_repo", action="store_true")
     hub_args.add_argument("--hub_token", help="default: the token of `hf auth login` or HF_TOKEN")
 
+    parser.set_defaults(**RECIPES[DEFAULT_RECIPE])
+    parser.set_defaults(**RECIPES[parser.parse_known_args(argv)[0].recipe])
     args = parser.parse_args(argv)
     check_args(parser, args)
     return args
@@ -681,5 +736,10 @@ def check_args(parser, args):
         parser.error(f"--evaluator_checkpoint {args.evaluator_checkpoint} does not exist")
 
 
-if __name__ == "__main__":
+def entry_point():
+    """The `cond-ddpm-train` console script: `python train_conditional_ddpm.py` installed on the PATH."""
     cli.run(main, parse_args())
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -19,9 +19,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from atomic_io import atomic_write_text  # noqa: E402
+from cond_ddpm.atomic_io import atomic_write_text  # noqa: E402
+from cond_ddpm.data import NEW_TEST_JSON, TEST_JSON, read_label_sets, read_objects_json  # noqa: E402
 from evaluate_iclevr import evaluate, generate, load_evaluator, load_pipeline, set_scheduler  # noqa: E402
-from iclevr_data import NEW_TEST_JSON, TEST_JSON, read_label_sets, read_objects_json  # noqa: E402
 from pipeline_cond_ddpm import multi_hot  # noqa: E402
 
 SAMPLERS = [("ddpm", 1000), ("ddim", 50), ("dpm++", 25), ("dpm++", 20), ("dpm++", 10), ("euler-a", 25)]
@@ -32,7 +32,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", required=True)
     parser.add_argument("--evaluator_checkpoint", required=True)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="several seeds average out the 32-image noise")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0], help="several seeds average out the 32-image noise"
+    )
     parser.add_argument("--splits", nargs="+", default=["test", "new_test"], choices=["test", "new_test"])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--output", help="also write the results as JSON here")
@@ -55,9 +57,15 @@ def main():
                 images = generate(pipeline, label_sets, steps, guidance, seed=seed)
                 seconds.append(time.perf_counter() - start)  # both files hold 32 label sets
                 accuracies[split].append(evaluate(evaluator, images, multi_hot(label_sets, class_names)))
-        rows.append({"scheduler": scheduler, "steps": steps, "guidance_scale": guidance,
-                     "seconds_for_32_images": sum(seconds) / len(seconds),
-                     **{split: sum(a) / len(a) for split, a in accuracies.items()}})
+        rows.append(
+            {
+                "scheduler": scheduler,
+                "steps": steps,
+                "guidance_scale": guidance,
+                "seconds_for_32_images": sum(seconds) / len(seconds),
+                **{split: sum(a) / len(a) for split, a in accuracies.items()},
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
 
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
@@ -67,16 +75,25 @@ def main():
     print("|---" * (4 + len(splits)) + "|")
     for r in rows:
         accuracies = "".join(f" {r[split]:.3f} |" for split in splits)
-        print(f"| {r['scheduler']} | {r['steps']} | {r['guidance_scale']} | {r['seconds_for_32_images']:.1f} |{accuracies}")
+        print(
+            f"| {r['scheduler']} | {r['steps']} | {r['guidance_scale']} | {r['seconds_for_32_images']:.1f} |"
+            + accuracies
+        )
     reference = [r for r in rows if r["scheduler"] == "ddpm"]
     if reference:
         best = max(reference, key=lambda r: sum(r[split] for split in splits))
         matching = [r for r in rows if all(r[split] >= best[split] for split in splits)]
         fastest = min(matching, key=lambda r: (r["steps"], r["seconds_for_32_images"]))
-        print(f"\nFewest steps with no accuracy lost against DDPM-1000 (guidance {best['guidance_scale']}): "
-              f"{fastest['scheduler']} {fastest['steps']} steps, guidance {fastest['guidance_scale']}")
+        print(
+            f"\nFewest steps with no accuracy lost against DDPM-1000 (guidance {best['guidance_scale']}): "
+            f"{fastest['scheduler']} {fastest['steps']} steps, guidance {fastest['guidance_scale']}"
+        )
     if args.output:
-        atomic_write_text(args.output, json.dumps({"device": where, "pipeline": args.pipeline, "seeds": args.seeds, "rows": rows}, indent=2) + "\n")
+        atomic_write_text(
+            args.output,
+            json.dumps({"device": where, "pipeline": args.pipeline, "seeds": args.seeds, "rows": rows}, indent=2)
+            + "\n",
+        )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Training throughput: images/s and peak memory per preset and setting, and the training script against a bare loop.
 
-    python benchmarks/throughput.py                 # tiny and base presets, every setting
-    python benchmarks/throughput.py --presets base  # one preset (on a GPU lent for minutes: base alone)
+    python benchmarks/throughput.py                 # tiny and gpu presets, every setting
+    python benchmarks/throughput.py --presets gpu  # one preset (on a GPU lent for minutes: gpu alone)
     python benchmarks/throughput.py --quick         # tiny preset only, fewer steps: a few minutes on a CPU
 
 On a CPU only one setting is compiled (tiny, fp32, channels_last): compiling takes minutes there.
@@ -31,9 +31,10 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from atomic_io import atomic_write_text  # noqa: E402
-from iclevr_data import read_objects_json  # noqa: E402
 from launch import one_process_training_command  # noqa: E402
+
+from cond_ddpm.atomic_io import atomic_write_text  # noqa: E402
+from cond_ddpm.data import read_objects_json  # noqa: E402
 from pipeline_cond_ddpm import CondDDPMPipeline  # noqa: E402
 from train_conditional_ddpm import Denoiser  # noqa: E402
 
@@ -87,11 +88,32 @@ def training_script(preset, resolution, batch_size, steps, data_scenes, precisio
 
     with tempfile.TemporaryDirectory() as output_dir:
         command = one_process_training_command(
-            "--preset", preset, "--resolution", resolution, "--train_batch_size", batch_size,
-            "--max_train_steps", steps, "--logging_steps", max(1, steps // 10), "--synthetic_scenes", data_scenes,
-            "--save_images_epochs", 100000, "--num_validation_images", 1, "--ddpm_num_inference_steps", 1,
-            "--dataloader_num_workers", loader_workers, "--checkpointing_steps", 10 * steps, "--output_dir", output_dir,
-            "--mixed_precision", {"fp32": "no", "bf16": "bf16"}[precision],
+            "--preset",
+            preset,
+            "--resolution",
+            resolution,
+            "--train_batch_size",
+            batch_size,
+            "--max_train_steps",
+            steps,
+            "--logging_steps",
+            max(1, steps // 10),
+            "--synthetic_scenes",
+            data_scenes,
+            "--save_images_epochs",
+            100000,
+            "--num_validation_images",
+            1,
+            "--ddpm_num_inference_steps",
+            1,
+            "--dataloader_num_workers",
+            loader_workers,
+            "--checkpointing_steps",
+            10 * steps,
+            "--output_dir",
+            output_dir,
+            "--mixed_precision",
+            {"fp32": "no", "bf16": "bf16"}[precision],
         )
         subprocess.run(command, check=True, capture_output=True, text=True)
         events = EventAccumulator(next(Path(output_dir, "logs").rglob("events.out.tfevents.*")).as_posix())
@@ -103,12 +125,12 @@ def training_script(preset, resolution, batch_size, steps, data_scenes, precisio
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--presets", nargs="+", choices=["tiny", "base"], default=["tiny", "base"])
+    parser.add_argument("--presets", nargs="+", choices=["tiny", "gpu"], default=["tiny", "gpu"])
     parser.add_argument("--output", default=None, help="also write the results as JSON here")
     args = parser.parse_args()
     on_gpu = torch.cuda.is_available()
     # preset: (resolution, batch, timed steps, warm-up steps); the 78M-parameter base model is slow on a CPU.
-    presets = {"tiny": (32, 64 if on_gpu else 32, 30, 5), "base": (64, 64, 30, 5) if on_gpu else (64, 8, 6, 2)}
+    presets = {"tiny": (32, 64 if on_gpu else 32, 30, 5), "gpu": (64, 64, 30, 5) if on_gpu else (64, 8, 6, 2)}
     presets = {name: presets[name] for name in args.presets}
     if args.quick:
         presets = {"tiny": (32, 32, 10, 3)}
@@ -116,34 +138,73 @@ def main():
     for preset, (resolution, batch_size, steps, warmup) in presets.items():
         settings = list(itertools.product([False, True], [False, True], [False, True]))
         for bf16, channels_last, compile in settings:
-            if compile and (args.quick or not on_gpu) and (bf16 or not channels_last or preset == "base"):
+            if compile and (args.quick or not on_gpu) and (bf16 or not channels_last or preset == "gpu"):
                 continue  # compiling takes minutes on a CPU: there, one compiled setting of the tiny model
-            result = in_own_process(bare_loop, preset, resolution, batch_size, steps, warmup, bf16, channels_last, compile)
-            rows.append({"preset": preset, "resolution": resolution, "batch": batch_size, "precision": "bf16" if bf16 else "fp32",
-                         "channels_last": channels_last, "compile": compile, **result})
+            result = in_own_process(
+                bare_loop, preset, resolution, batch_size, steps, warmup, bf16, channels_last, compile
+            )
+            rows.append(
+                {
+                    "preset": preset,
+                    "resolution": resolution,
+                    "batch": batch_size,
+                    "precision": "bf16" if bf16 else "fp32",
+                    "channels_last": channels_last,
+                    "compile": compile,
+                    **result,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     device = torch.cuda.get_device_name() if on_gpu else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\nTraining throughput on {device}, torch {torch.__version__}\n")
     print("| preset | resolution | batch | precision | channels_last | compile | images/s | peak memory (MB) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['preset']} | {r['resolution']} | {r['batch']} | {r['precision']} | {r['channels_last']} | {r['compile']} "
-              f"| {r['images_per_second']:.1f} | {r['peak_memory_mb']:.0f} |")
+        print(
+            f"| {r['preset']} | {r['resolution']} | {r['batch']} | {r['precision']} | {r['channels_last']}"
+            f" | {r['compile']} | {r['images_per_second']:.1f} | {r['peak_memory_mb']:.0f} |"
+        )
 
     comparisons = []
     precision = "bf16" if on_gpu else "fp32"  # on a CPU without bf16 matrix units, bf16 does not pay (README)
     for preset, (resolution, batch_size, _, _) in presets.items():
-        bare = next(r for r in rows if r["preset"] == preset and r["precision"] == precision and r["channels_last"] and not r["compile"])
-        script_steps = 40 if args.quick or not on_gpu and preset == "base" else 200  # 10 logged intervals or more
-        script = training_script(preset, resolution, batch_size, script_steps, data_scenes=200 if args.quick else 1000,
-                                 precision=precision, loader_workers=4 if on_gpu else 1)
-        comparisons.append({"preset": preset, "precision": precision, "bare": bare["images_per_second"], "script": script,
-                            "overhead": 1 - script / bare["images_per_second"]})
-    print("\n| preset | precision | bare loop images/s | training script images/s | script overhead |\n|---|---|---|---|---|")
+        bare = next(
+            r
+            for r in rows
+            if r["preset"] == preset and r["precision"] == precision and r["channels_last"] and not r["compile"]
+        )
+        script_steps = 40 if args.quick or not on_gpu and preset == "gpu" else 200  # 10 logged intervals or more
+        script = training_script(
+            preset,
+            resolution,
+            batch_size,
+            script_steps,
+            data_scenes=200 if args.quick else 1000,
+            precision=precision,
+            loader_workers=4 if on_gpu else 1,
+        )
+        comparisons.append(
+            {
+                "preset": preset,
+                "precision": precision,
+                "bare": bare["images_per_second"],
+                "script": script,
+                "overhead": 1 - script / bare["images_per_second"],
+            }
+        )
+    print(
+        "\n| preset | precision | bare loop images/s | training script images/s | script overhead |"
+        "\n|---|---|---|---|---|"
+    )
     for c in comparisons:
-        print(f"| {c['preset']} | {c['precision']} | {c['bare']:.1f} | {c['script']:.1f} | {100 * c['overhead']:.1f}% |")
+        print(
+            f"| {c['preset']} | {c['precision']} | {c['bare']:.1f} | {c['script']:.1f} | {100 * c['overhead']:.1f}% |"
+        )
     if args.output:
-        atomic_write_text(args.output, json.dumps({"device": device, "settings": rows, "script_vs_bare": comparisons}, indent=2) + "\n")
+        atomic_write_text(
+            args.output,
+            json.dumps({"device": device, "settings": rows, "script_vs_bare": comparisons}, indent=2) + "\n",
+        )
 
 
 if __name__ == "__main__":

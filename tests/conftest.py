@@ -12,8 +12,8 @@ os.environ["COND_DDPM_CACHE"] = tempfile.mkdtemp(prefix="cond-ddpm-test-cache-")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from cond_ddpm.data import read_objects_json, synthesize  # noqa: E402
 from evaluate_iclevr import build_evaluator, save_evaluator  # noqa: E402
-from iclevr_data import read_objects_json, synthesize  # noqa: E402
 from pipeline_cond_ddpm import CondDDPMPipeline  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,11 +64,37 @@ def run_python(*args, env=None, cwd=ROOT, timeout=600):
 def training_args(output_dir, data_dir, *extra):
     """Flags for a few seconds of training: the tiny preset at 16x16 on the rendered test scenes."""
     return [
-        "--train_data_dir", str(data_dir / "images"), "--train_json", str(data_dir / "train.json"),
-        "--preset", "tiny", "--resolution", "16", "--train_batch_size", "4", "--dataloader_num_workers", "0",
-        "--learning_rate", "1e-3", "--lr_warmup_steps", "1", "--logging_steps", "1", "--logger", "none",
-        "--num_validation_images", "4", "--ddpm_num_inference_steps", "2", "--save_images_epochs", "100",
-        "--mixed_precision", "no", "--output_dir", str(output_dir), *map(str, extra),
+        "--train_data_dir",
+        str(data_dir / "images"),
+        "--train_json",
+        str(data_dir / "train.json"),
+        "--preset",
+        "tiny",
+        "--resolution",
+        "16",
+        "--train_batch_size",
+        "4",
+        "--dataloader_num_workers",
+        "0",
+        "--learning_rate",
+        "1e-3",
+        "--lr_warmup_steps",
+        "1",
+        "--logging_steps",
+        "1",
+        "--logger",
+        "none",
+        "--num_validation_images",
+        "4",
+        "--ddpm_num_inference_steps",
+        "2",
+        "--save_images_epochs",
+        "100",
+        "--mixed_precision",
+        "no",
+        "--output_dir",
+        str(output_dir),
+        *map(str, extra),
     ]
 
 

@@ -36,9 +36,9 @@ def test_rendered_references_are_drawn_at_the_models_resolution(quality):
 
 def test_a_gpu_recipe_is_refused_without_a_gpu(quality, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(sys, "argv", ["quality.py", "--recipe", "base", "--output_dir", "/nonexistent/never-written"])
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--recipe", "gpu", "--output_dir", "/nonexistent/never-written"])
     with pytest.raises(SystemExit) as stopped:
         quality.main()
     assert stopped.value.code == 2
     message = capsys.readouterr().err
-    assert "--recipe base" in message and "needs a CUDA GPU" in message
+    assert "--recipe gpu" in message and "needs a CUDA GPU" in message

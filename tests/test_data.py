@@ -10,8 +10,8 @@ import torch
 from datasets import ClassLabel, Dataset, Features, Image, List, Value
 from PIL import Image as PILImage
 
-import iclevr_data
-from iclevr_data import (
+from cond_ddpm import data as iclevr_data
+from cond_ddpm.data import (
     OBJECTS_JSON,
     TEST_JSON,
     build_dataset,
@@ -22,7 +22,7 @@ from iclevr_data import (
     split_by_scene,
     synthesize,
 )
-from iclevr_render import SIZES, SceneObject, random_scene, render_scene
+from cond_ddpm.render import SIZES, SceneObject, random_scene, render_scene
 
 REAL_SPEC = Path(__file__).resolve().parents[2] / "shared" / "iclevr"  # the course's files, where a checkout has them
 
@@ -113,7 +113,10 @@ def test_hub_datasets_load_with_names_or_class_labels(tmp_path, synthetic_dir, c
     rows = build_dataset(synthetic_dir / "images", synthetic_dir / "train.json")
     rows.save_to_disk(tmp_path / "class-labels")
     with_names = Dataset.from_dict(
-        {"picture": rows.cast_column("image", Image(decode=False))["image"], "objects_named": [[class_names[i] for i in o] for o in rows["objects"]]},
+        {
+            "picture": rows.cast_column("image", Image(decode=False))["image"],
+            "objects_named": [[class_names[i] for i in o] for o in rows["objects"]],
+        },
         features=Features({"picture": Image(), "objects_named": List(Value("string"))}),
     )
     with_names.save_to_disk(tmp_path / "names")
@@ -136,7 +139,12 @@ def label_rows(label_sets, class_names):
 
 
 def test_same_colour_pairs_are_repeated_and_nothing_else(class_names):
-    label_sets = [["red cube"], ["red cube", "red sphere"], ["red cube", "blue cube"], ["gray cube", "red cylinder", "gray sphere"]]
+    label_sets = [
+        ["red cube"],
+        ["red cube", "red sphere"],
+        ["red cube", "blue cube"],
+        ["gray cube", "red cylinder", "gray sphere"],
+    ]
     repeated = repeat_same_colour_pairs(label_rows(label_sets, class_names), 3)
     counts = [[class_names[i] for i in o] for o in repeated["objects"]]
     assert [counts.count(s) for s in label_sets] == [1, 3, 1, 3] and len(repeated) == 8
@@ -154,9 +162,13 @@ def test_repeating_checks_its_inputs(class_names):
     rows = label_rows([["red cube"]], class_names)
     with pytest.raises(ValueError, match="times must be a positive integer, got 0"):
         repeat_same_colour_pairs(rows, 0)
-    other_vocabulary = Dataset.from_dict({"objects": [[0]]}, features=Features({"objects": List(ClassLabel(names=["cat", "dog"]))}))
+    other_vocabulary = Dataset.from_dict(
+        {"objects": [[0]]}, features=Features({"objects": List(ClassLabel(names=["cat", "dog"]))})
+    )
     assert repeat_same_colour_pairs(other_vocabulary, 1) is other_vocabulary  # not repeating needs no colours
-    with pytest.raises(ValueError, match="object names must read 'colour shape' to find same-coloured pairs, got 'cat'"):
+    with pytest.raises(
+        ValueError, match="object names must read 'colour shape' to find same-coloured pairs, got 'cat'"
+    ):
         repeat_same_colour_pairs(other_vocabulary, 2)
 
 
@@ -182,11 +194,26 @@ def write_folder(tmp_path, entries, images=("a.png",)):
 @pytest.mark.parametrize(
     "entries, images, error, message",
     [
-        ({"a.png": ["red cube"], "b.png": ["red cube"]}, ("a.png",), FileNotFoundError, r"lists 'b.png', but .*b.png does not exist"),
-        ({"a.png": ["red cubes"]}, ("a.png",), ValueError, r"train.json, entry 'a.png': unknown object name 'red cubes'"),
+        (
+            {"a.png": ["red cube"], "b.png": ["red cube"]},
+            ("a.png",),
+            FileNotFoundError,
+            r"lists 'b.png', but .*b.png does not exist",
+        ),
+        (
+            {"a.png": ["red cubes"]},
+            ("a.png",),
+            ValueError,
+            r"train.json, entry 'a.png': unknown object name 'red cubes'",
+        ),
         ({}, (), ValueError, r"train.json lists no images: the dataset would be empty"),
         ('{"a.png": ["red cube"]', ("a.png",), ValueError, r"train.json is not valid JSON"),
-        ({"a.png": "red cube"}, ("a.png",), ValueError, r"entry 'a.png': a label set must be a non-empty list of object names"),
+        (
+            {"a.png": "red cube"},
+            ("a.png",),
+            ValueError,
+            r"entry 'a.png': a label set must be a non-empty list of object names",
+        ),
     ],
     ids=["missing-image", "unknown-name", "empty", "malformed-json", "labels-not-a-list"],
 )

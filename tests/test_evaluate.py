@@ -9,6 +9,7 @@ from PIL import Image
 from torch import nn
 from torchvision.models import resnet18
 
+from cond_ddpm.data import NEW_TEST_JSON, TEST_JSON, read_label_sets
 from evaluate_iclevr import (
     DEFAULT_SCHEDULER,
     accuracy,
@@ -19,7 +20,6 @@ from evaluate_iclevr import (
     save_evaluator,
     set_scheduler,
 )
-from iclevr_data import NEW_TEST_JSON, TEST_JSON, read_label_sets
 from pipeline_cond_ddpm import multi_hot
 
 
@@ -65,7 +65,10 @@ class NotATensor:
 @pytest.mark.parametrize(
     "content, message",
     [
-        (lambda: {"state_dict": build_evaluator(24).state_dict()}, r"must hold \{'model': state_dict\}.*found \['state_dict'\]"),
+        (
+            lambda: {"state_dict": build_evaluator(24).state_dict()},
+            r"must hold \{'model': state_dict\}.*found \['state_dict'\]",
+        ),
         (lambda: {"model": build_evaluator(10).state_dict()}, "does not hold a ResNet18 evaluator for 24 objects"),
         (lambda: {"model": NotATensor()}, "is not a PyTorch checkpoint of plain tensors"),
         (lambda: b"garbage", "is not a PyTorch checkpoint of plain tensors"),
@@ -81,11 +84,27 @@ def test_bad_checkpoints_are_refused_clearly(tmp_path, class_names, content, mes
 
 
 def score(tiny_pipeline_dir, evaluator_checkpoint, output_dir, *extra):
-    return main(["score", "--pipeline", str(tiny_pipeline_dir), "--evaluator_checkpoint", str(evaluator_checkpoint),
-                 "--output_dir", str(output_dir), "--num_inference_steps", "2", "--device", "cpu", *extra])
+    return main(
+        [
+            "score",
+            "--pipeline",
+            str(tiny_pipeline_dir),
+            "--evaluator_checkpoint",
+            str(evaluator_checkpoint),
+            "--output_dir",
+            str(output_dir),
+            "--num_inference_steps",
+            "2",
+            "--device",
+            "cpu",
+            *extra,
+        ]
+    )
 
 
-def test_score_writes_images_grids_and_metrics_that_rescore_exactly(tmp_path, tiny_pipeline_dir, evaluator_checkpoint, class_names):
+def test_score_writes_images_grids_and_metrics_that_rescore_exactly(
+    tmp_path, tiny_pipeline_dir, evaluator_checkpoint, class_names
+):
     out = tmp_path / "out"
     metrics = score(tiny_pipeline_dir, evaluator_checkpoint, out, "--seed", "7", "--batch_size", "20")
     saved = json.loads((out / "metrics.json").read_text())
@@ -99,11 +118,15 @@ def test_score_writes_images_grids_and_metrics_that_rescore_exactly(tmp_path, ti
             assert image.size == (64, 64)  # generated at 16x16, upsampled before saving
         assert (out / f"{split}_grid.png").is_file()
     # Anyone re-scoring the PNGs gets exactly the numbers in metrics.json.
-    rescored = main(["rescore", "--output_dir", str(out), "--evaluator_checkpoint", str(evaluator_checkpoint), "--device", "cpu"])
+    rescored = main(
+        ["rescore", "--output_dir", str(out), "--evaluator_checkpoint", str(evaluator_checkpoint), "--device", "cpu"]
+    )
     assert rescored == {"test": saved["test"], "new_test": saved["new_test"]}
     evaluator = load_evaluator(evaluator_checkpoint, len(class_names))
     label_sets = read_label_sets(TEST_JSON, class_names)
-    pngs = torch.stack([torch.from_numpy(np.array(Image.open(out / "test" / f"{i}.png"))).permute(2, 0, 1) for i in range(32)])
+    pngs = torch.stack(
+        [torch.from_numpy(np.array(Image.open(out / "test" / f"{i}.png"))).permute(2, 0, 1) for i in range(32)]
+    )
     assert evaluate(evaluator, pngs, multi_hot(label_sets, class_names)) == saved["test"]
 
 
@@ -121,7 +144,9 @@ def test_stochastic_samplers_add_noise_from_the_generator(tiny_pipeline, name):
     def first_step(seed):
         scheduler.set_timesteps(3)  # a fresh run each time
         zeros = torch.zeros(1, 3, 4, 4)
-        return scheduler.step(zeros, scheduler.timesteps[0], zeros, generator=torch.Generator().manual_seed(seed)).prev_sample
+        return scheduler.step(
+            zeros, scheduler.timesteps[0], zeros, generator=torch.Generator().manual_seed(seed)
+        ).prev_sample
 
     assert torch.equal(first_step(0), first_step(0))
     assert not torch.equal(first_step(0), first_step(1))  # plain DPM-Solver++ ignores the generator
@@ -140,8 +165,23 @@ def test_score_keeps_an_existing_output_unless_told(tmp_path, tiny_pipeline_dir,
 
 
 def test_denoise_draws_the_process(tmp_path, tiny_pipeline_dir, capsys):
-    main(["denoise", "--pipeline", str(tiny_pipeline_dir), "--labels", "red sphere,cyan cylinder, cyan cube",
-          "--num_inference_steps", "10", "--num_frames", "4", "--output", str(tmp_path / "denoise.png"), "--device", "cpu"])
+    main(
+        [
+            "denoise",
+            "--pipeline",
+            str(tiny_pipeline_dir),
+            "--labels",
+            "red sphere,cyan cylinder, cyan cube",
+            "--num_inference_steps",
+            "10",
+            "--num_frames",
+            "4",
+            "--output",
+            str(tmp_path / "denoise.png"),
+            "--device",
+            "cpu",
+        ]
+    )
     with Image.open(tmp_path / "denoise.png") as figure:
         assert figure.size == (4 * 128, 128 + 16)
     assert "t = [" in capsys.readouterr().out
@@ -149,8 +189,23 @@ def test_denoise_draws_the_process(tmp_path, tiny_pipeline_dir, capsys):
 
 def test_train_command_saves_an_evaluator_in_the_official_format(tmp_path, synthetic_dir, class_names):
     output = tmp_path / "evaluator.pth"
-    held_out = main(["train", "--train_data_dir", str(synthetic_dir / "images"), "--train_json", str(synthetic_dir / "train.json"),
-                     "--output", str(output), "--num_epochs", "1", "--validation_fraction", "0.34", "--device", "cpu"])
+    held_out = main(
+        [
+            "train",
+            "--train_data_dir",
+            str(synthetic_dir / "images"),
+            "--train_json",
+            str(synthetic_dir / "train.json"),
+            "--output",
+            str(output),
+            "--num_epochs",
+            "1",
+            "--validation_fraction",
+            "0.34",
+            "--device",
+            "cpu",
+        ]
+    )
     assert 0 <= held_out <= 1
     assert json.loads(output.with_suffix(".json").read_text())["held_out_accuracy"] == held_out
     load_evaluator(output, len(class_names))

@@ -15,23 +15,26 @@ import psutil
 import pytest
 import torch
 from accelerate import PartialState
-
-import cli
-import evaluate_iclevr
-import iclevr_data
-import train_conditional_ddpm
-from atomic_io import staged_contents, staged_directory
 from conftest import ROOT, assert_same_weights, run_python, training_args
-from train_conditional_ddpm import check_finite, find_checkpoints, parse_args, save_checkpoint
 
+import evaluate_iclevr
+import train_conditional_ddpm
+from cond_ddpm import cli
+from cond_ddpm import data as iclevr_data
+from cond_ddpm.atomic_io import staged_contents, staged_directory
+from train_conditional_ddpm import check_finite, find_checkpoints, parse_args, save_checkpoint
 
 # --- Pre-emption and exact resume ------------------------------------------------------------------------------------
 
 
 def start_training(args):
     return subprocess.Popen(
-        [sys.executable, "train_conditional_ddpm.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        [sys.executable, "train_conditional_ddpm.py", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
 
 
@@ -60,7 +63,12 @@ def test_sigterm_saves_a_checkpoint_and_resuming_matches_an_uninterrupted_run(tm
     assert 10 < stopped_at < 40
     assert not (interrupted / "model_index.json").exists()
 
-    resumed = run_python("train_conditional_ddpm.py", *training_args(interrupted, synthetic_dir, *steps), "--resume_from_checkpoint", "latest")
+    resumed = run_python(
+        "train_conditional_ddpm.py",
+        *training_args(interrupted, synthetic_dir, *steps),
+        "--resume_from_checkpoint",
+        "latest",
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at step {stopped_at}" in resumed.stderr
     assert_same_weights(interrupted / "checkpoint-40", tmp_path / "straight" / "checkpoint-40")
@@ -69,13 +77,37 @@ def test_sigterm_saves_a_checkpoint_and_resuming_matches_an_uninterrupted_run(tm
 
 def test_sigterm_stops_a_two_process_run_cleanly(tmp_path, synthetic_dir):
     args = training_args(tmp_path / "ddp", synthetic_dir, "--max_train_steps", 400, "--checkpointing_steps", 1000)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "train_conditional_ddpm.py", *args]
-    process = subprocess.Popen(launch, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONUNBUFFERED": "1"})
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "train_conditional_ddpm.py",
+        *args,
+    ]
+    process = subprocess.Popen(
+        launch,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONUNBUFFERED": "1"},
+    )
     wait_for(process, r"steps:\s+\d+%.*\| [1-9]\d*/400")
     # Both training processes get the signal (the launcher itself would report its own SIGTERM as a failure).
-    workers = [p for p in psutil.Process(process.pid).children(recursive=True) if "train_conditional_ddpm.py" in " ".join(p.cmdline())]
+    workers = [
+        p
+        for p in psutil.Process(process.pid).children(recursive=True)
+        if "train_conditional_ddpm.py" in " ".join(p.cmdline())
+    ]
     assert len(workers) == 2
     for worker in workers:
         worker.send_signal(signal.SIGTERM)
@@ -83,7 +115,10 @@ def test_sigterm_stops_a_two_process_run_cleanly(tmp_path, synthetic_dir):
     assert process.returncode == 0, output[-3000:]
     step = int(re.search(r"stop requested: checkpoint-(\d+) saved", output).group(1))
     assert (tmp_path / "ddp" / f"checkpoint-{step}" / "training_state.json").is_file()
-    assert sorted(p.name for p in (tmp_path / "ddp" / f"checkpoint-{step}").glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    assert sorted(p.name for p in (tmp_path / "ddp" / f"checkpoint-{step}").glob("random_states_*")) == [
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
 
 
 # --- Atomic writes ---------------------------------------------------------------------------------------------------
@@ -173,10 +208,19 @@ def test_a_diverging_loss_stops_the_run_with_a_clear_message(tmp_path, synthetic
     result = run_python(
         "train_conditional_ddpm.py",
         *training_args(tmp_path / "nan", synthetic_dir, "--max_train_steps", 20, "--checkpointing_steps", 1),
-        "--learning_rate", "1e30", "--max_grad_norm", "0", "--lr_warmup_steps", "0", "--lr_scheduler", "constant",
+        "--learning_rate",
+        "1e30",
+        "--max_grad_norm",
+        "0",
+        "--lr_warmup_steps",
+        "0",
+        "--lr_scheduler",
+        "constant",
     )
     assert result.returncode == 1
-    assert re.search(r"error: the training loss became (nan|inf) by step \d+; the last good checkpoint is", result.stderr)
+    assert re.search(
+        r"error: the training loss became (nan|inf) by step \d+; the last good checkpoint is", result.stderr
+    )
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "nan" / "model_index.json").exists()
 
@@ -194,7 +238,10 @@ def test_the_last_good_checkpoint_is_one_a_finite_loss_has_vouched_for(tmp_path)
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory, synthetic_dir):
     output_dir = tmp_path_factory.mktemp("runs") / "guard"
-    result = run_python("train_conditional_ddpm.py", *training_args(output_dir, synthetic_dir, "--max_train_steps", 2, "--checkpointing_steps", 2))
+    result = run_python(
+        "train_conditional_ddpm.py",
+        *training_args(output_dir, synthetic_dir, "--max_train_steps", 2, "--checkpointing_steps", 2),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return output_dir
 
@@ -203,9 +250,15 @@ def tiny_checkpoint(tmp_path_factory, synthetic_dir):
     "change, message",
     [
         (["--resolution", "32"], "trained with resolution = 16, and this run asks for 32"),
-        (["--preset", "small"], "trained with preset = 'tiny', and this run asks for 'small'"),
-        (["--prediction_type", "epsilon"], "trained with prediction_type = 'v_prediction', and this run asks for 'epsilon'"),
-        (["--objects_json", "SHORT_VOCABULARY"], "trained with class_names = 24 objects, and this run asks for 23 objects"),
+        (["--preset", "cpu"], "trained with preset = 'tiny', and this run asks for 'cpu'"),
+        (
+            ["--prediction_type", "epsilon"],
+            "trained with prediction_type = 'v_prediction', and this run asks for 'epsilon'",
+        ),
+        (
+            ["--objects_json", "SHORT_VOCABULARY"],
+            "trained with class_names = 24 objects, and this run asks for 23 objects",
+        ),
     ],
     ids=["resolution", "preset", "prediction-type", "vocabulary"],
 )
@@ -214,9 +267,19 @@ def test_resuming_with_other_model_settings_is_refused(tiny_checkpoint, syntheti
         objects = json.loads(iclevr_data.OBJECTS_JSON.read_text())
         objects.pop("yellow cylinder")
         (tmp_path / "objects.json").write_text(json.dumps(objects))
-        (tmp_path / "train.json").write_text(json.dumps({k: v for k, v in json.loads((synthetic_dir / "train.json").read_text()).items() if "yellow cylinder" not in v}))
+        (tmp_path / "train.json").write_text(
+            json.dumps(
+                {
+                    k: v
+                    for k, v in json.loads((synthetic_dir / "train.json").read_text()).items()
+                    if "yellow cylinder" not in v
+                }
+            )
+        )
         change = ["--objects_json", str(tmp_path / "objects.json"), "--train_json", str(tmp_path / "train.json")]
-    args = training_args(tiny_checkpoint, synthetic_dir, "--max_train_steps", 4, "--resume_from_checkpoint", "latest", *change)
+    args = training_args(
+        tiny_checkpoint, synthetic_dir, "--max_train_steps", 4, "--resume_from_checkpoint", "latest", *change
+    )
     with pytest.raises(SystemExit, match=f"cannot resume from .*checkpoint-2: it was {message}"):
         train_main(args)
 
@@ -224,7 +287,9 @@ def test_resuming_with_other_model_settings_is_refused(tiny_checkpoint, syntheti
 def test_resuming_with_another_batch_size_warns_and_goes_on(tiny_checkpoint, synthetic_dir, tmp_path, caplog):
     resumed = tmp_path / "resumed"
     shutil.copytree(tiny_checkpoint, resumed)
-    args = training_args(resumed, synthetic_dir, "--max_train_steps", 3, "--resume_from_checkpoint", "latest", "--train_batch_size", 2)
+    args = training_args(
+        resumed, synthetic_dir, "--max_train_steps", 3, "--resume_from_checkpoint", "latest", "--train_batch_size", 2
+    )
     with caplog.at_level(logging.INFO):
         train_main(args)
     assert "trained with 4 samples per step (batch x processes x accumulation) and this run takes 2" in caplog.text
@@ -285,15 +350,16 @@ def train_main(argv):
 TRAIN_BASE = ["--preset", "tiny", "--resolution", "16", "--logger", "none", "--max_train_steps", "1"]
 SWEEP = [
     # (command, arguments (TMP = a fresh folder, DATA:kind = a broken data folder), expected message)
-    ("train", ["--preset", "base", "--resolution", "60"], "--resolution 60 must be a multiple of 8"),
+    ("train", ["--preset", "gpu", "--resolution", "60"], "--resolution 60 must be a multiple of 8"),
     ("train", ["--resolution", "-32"], "argument --resolution: must be a positive integer, got '-32'"),
     ("train", ["--learning_rate", "0"], "argument --learning_rate: must be a positive number, got '0'"),
     ("train", ["--train_batch_size", "two"], "argument --train_batch_size: must be a positive integer, got 'two'"),
-    ("train", ["--condition_dropout", "1.5"], r"argument --condition_dropout: must be a probability in \[0, 1\), got '1.5'"),
+    (
+        "train",
+        ["--condition_dropout", "1.5"],
+        r"argument --condition_dropout: must be a probability in \[0, 1\), got '1.5'",
+    ),
     ("train", ["--guidance_scale", "-1"], "argument --guidance_scale: must be a number >= 0, got '-1'"),
-    ("train", ["--logit_mean", "nan"], "argument --logit_mean: must be a finite number, got 'nan'"),
-    ("train", ["--logit_std", "0"], "argument --logit_std: must be a positive number, got '0'"),
-    ("train", ["--timestep_sampling", "cosine"], "argument --timestep_sampling: invalid choice: 'cosine'"),
     ("train", ["--same_colour_repeats", "0"], "argument --same_colour_repeats: must be a positive integer, got '0'"),
     ("train", ["--preset", "giant"], "argument --preset: invalid choice: 'giant'"),
     ("train", ["--train_data_dir", "somewhere"], "--train_data_dir and --train_json go together"),
@@ -305,22 +371,94 @@ SWEEP = [
     ("train", ["DATA:unreadable"], "cannot read image .*a.png"),
     ("train", ["DATA:empty"], "lists no images: the dataset would be empty"),
     ("train", ["DATA:malformed"], "train.json is not valid JSON"),
-    ("data", ["synthesize", "--output_dir", "TMP", "--num_scenes", "0"], "argument --num_scenes: must be a positive integer, got '0'"),
+    (
+        "data",
+        ["synthesize", "--output_dir", "TMP", "--num_scenes", "0"],
+        "argument --num_scenes: must be a positive integer, got '0'",
+    ),
     ("data", ["synthesize", "--output_dir", "NONEMPTY", "--num_scenes", "1"], "already exists and is not empty"),
-    ("data", ["push", "--dataset_dir", "no/such/folder", "--repo_id", "me/x"], r"no/such/folder/\w+\.json does not exist"),
-    ("evaluate", ["score", "--pipeline", "PIPELINE", "--evaluator_checkpoint", "BAD_CHECKPOINT", "--output_dir", "TMP"], r"must hold \{'model': state_dict\}"),
-    ("evaluate", ["score", "--pipeline", "TMP", "--evaluator_checkpoint", "CHECKPOINT", "--output_dir", "TMP/out"], "is not a saved pipeline"),
-    ("evaluate", ["score", "--pipeline", "PIPELINE", "--evaluator_checkpoint", "CHECKPOINT", "--output_dir", "TMP/out", "--test_json", "UNKNOWN_LABELS"], "entry 0: unknown object name 'red cone'"),
-    ("evaluate", ["score", "--pipeline", "PIPELINE", "--evaluator_checkpoint", "CHECKPOINT", "--output_dir", "TMP/out", "--objects_json", "SWAPPED_VOCABULARY"], r"they differ \(0: 'gray cube' vs 'red cube'; 1: 'red cube' vs 'gray cube'\)"),
-    ("evaluate", ["score", "--pipeline", "PIPELINE", "--evaluator_checkpoint", "CHECKPOINT", "--output_dir", "TMP", "--scheduler", "euler"], "argument --scheduler: invalid choice: 'euler'"),
-    ("evaluate", ["denoise", "--pipeline", "PIPELINE", "--labels", "red cubes", "--output", "TMP/d.png"], "unknown object name 'red cubes'; did you mean 'red cube'"),
-    ("evaluate", ["rescore", "--output_dir", "TMP", "--evaluator_checkpoint", "CHECKPOINT"], r"32 image\(s\) missing in .*test"),
-    ("evaluate", ["train", "--train_data_dir", "TMP", "--train_json", "TMP/none.json", "--output", "TMP/e.pth"], "none.json does not exist"),
+    (
+        "data",
+        ["push", "--dataset_dir", "no/such/folder", "--repo_id", "me/x"],
+        r"no/such/folder/\w+\.json does not exist",
+    ),
+    (
+        "evaluate",
+        ["score", "--pipeline", "PIPELINE", "--evaluator_checkpoint", "BAD_CHECKPOINT", "--output_dir", "TMP"],
+        r"must hold \{'model': state_dict\}",
+    ),
+    (
+        "evaluate",
+        ["score", "--pipeline", "TMP", "--evaluator_checkpoint", "CHECKPOINT", "--output_dir", "TMP/out"],
+        "is not a saved pipeline",
+    ),
+    (
+        "evaluate",
+        [
+            "score",
+            "--pipeline",
+            "PIPELINE",
+            "--evaluator_checkpoint",
+            "CHECKPOINT",
+            "--output_dir",
+            "TMP/out",
+            "--test_json",
+            "UNKNOWN_LABELS",
+        ],
+        "entry 0: unknown object name 'red cone'",
+    ),
+    (
+        "evaluate",
+        [
+            "score",
+            "--pipeline",
+            "PIPELINE",
+            "--evaluator_checkpoint",
+            "CHECKPOINT",
+            "--output_dir",
+            "TMP/out",
+            "--objects_json",
+            "SWAPPED_VOCABULARY",
+        ],
+        r"they differ \(0: 'gray cube' vs 'red cube'; 1: 'red cube' vs 'gray cube'\)",
+    ),
+    (
+        "evaluate",
+        [
+            "score",
+            "--pipeline",
+            "PIPELINE",
+            "--evaluator_checkpoint",
+            "CHECKPOINT",
+            "--output_dir",
+            "TMP",
+            "--scheduler",
+            "euler",
+        ],
+        "argument --scheduler: invalid choice: 'euler'",
+    ),
+    (
+        "evaluate",
+        ["denoise", "--pipeline", "PIPELINE", "--labels", "red cubes", "--output", "TMP/d.png"],
+        "unknown object name 'red cubes'; did you mean 'red cube'",
+    ),
+    (
+        "evaluate",
+        ["rescore", "--output_dir", "TMP", "--evaluator_checkpoint", "CHECKPOINT"],
+        r"32 image\(s\) missing in .*test",
+    ),
+    (
+        "evaluate",
+        ["train", "--train_data_dir", "TMP", "--train_json", "TMP/none.json", "--output", "TMP/e.pth"],
+        "none.json does not exist",
+    ),
 ]
 
 
 @pytest.mark.parametrize("command, argv, message", SWEEP, ids=[f"{c}-{i}" for i, (c, _, _) in enumerate(SWEEP)])
-def test_bad_input_sweep(tmp_path, capsys, tiny_pipeline_dir, evaluator_checkpoint, class_names, command, argv, message):
+def test_bad_input_sweep(
+    tmp_path, capsys, tiny_pipeline_dir, evaluator_checkpoint, class_names, command, argv, message
+):
     (tmp_path / "nonempty").mkdir()
     (tmp_path / "nonempty" / "keep.txt").write_text("mine")
     objects = json.loads(iclevr_data.OBJECTS_JSON.read_text())
@@ -328,15 +466,27 @@ def test_bad_input_sweep(tmp_path, capsys, tiny_pipeline_dir, evaluator_checkpoi
     (tmp_path / "swapped.json").write_text(json.dumps(objects))
     (tmp_path / "unknown.json").write_text(json.dumps([["red cone"]]))
     torch.save({"weights": {}}, tmp_path / "bad.pth")
-    places = {"TMP": str(tmp_path), "NONEMPTY": str(tmp_path / "nonempty"), "PIPELINE": str(tiny_pipeline_dir),
-              "CHECKPOINT": str(evaluator_checkpoint), "BAD_CHECKPOINT": str(tmp_path / "bad.pth"),
-              "SWAPPED_VOCABULARY": str(tmp_path / "swapped.json"), "UNKNOWN_LABELS": str(tmp_path / "unknown.json")}
+    places = {
+        "TMP": str(tmp_path),
+        "NONEMPTY": str(tmp_path / "nonempty"),
+        "PIPELINE": str(tiny_pipeline_dir),
+        "CHECKPOINT": str(evaluator_checkpoint),
+        "BAD_CHECKPOINT": str(tmp_path / "bad.pth"),
+        "SWAPPED_VOCABULARY": str(tmp_path / "swapped.json"),
+        "UNKNOWN_LABELS": str(tmp_path / "unknown.json"),
+    }
     resolved = []
     for arg in argv:
         if arg.startswith("DATA:"):
             resolved += bad_folder(tmp_path, arg[5:])
         else:
-            resolved.append(re.sub(r"^(TMP|NONEMPTY|PIPELINE|CHECKPOINT|BAD_CHECKPOINT|SWAPPED_VOCABULARY|UNKNOWN_LABELS)", lambda m: places[m.group(1)], arg))
+            resolved.append(
+                re.sub(
+                    r"^(TMP|NONEMPTY|PIPELINE|CHECKPOINT|BAD_CHECKPOINT|SWAPPED_VOCABULARY|UNKNOWN_LABELS)",
+                    lambda m: places[m.group(1)],
+                    arg,
+                )
+            )
     if command == "train":
         main = train_main
         resolved = TRAIN_BASE + ["--output_dir", str(tmp_path / "run")] + resolved
@@ -349,10 +499,17 @@ def test_bad_input_sweep(tmp_path, capsys, tiny_pipeline_dir, evaluator_checkpoi
 
 
 def test_the_real_entry_points_print_one_line_not_a_traceback(tmp_path, evaluator_checkpoint):
-    for script, args in (
-        ("train_conditional_ddpm.py", ["--preset", "base", "--resolution", "30"]),
-        ("evaluate_iclevr.py", ["rescore", "--output_dir", str(tmp_path), "--evaluator_checkpoint", str(evaluator_checkpoint)]),
-        ("iclevr_data.py", ["push", "--dataset_dir", str(tmp_path), "--repo_id", "me/x"]),
+    for command in (
+        ["train_conditional_ddpm.py", "--preset", "gpu", "--resolution", "30"],
+        [
+            "evaluate_iclevr.py",
+            "rescore",
+            "--output_dir",
+            str(tmp_path),
+            "--evaluator_checkpoint",
+            str(evaluator_checkpoint),
+        ],
+        ["-m", "cond_ddpm.data", "push", "--dataset_dir", str(tmp_path), "--repo_id", "me/x"],
     ):
-        result = run_python(script, *args)
+        result = run_python(*command)
         assert result.returncode != 0 and "error: " in result.stderr and "Traceback" not in result.stderr, result.stderr

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate import PartialState
-
 from conftest import assert_same_weights, load_weights, run_python, training_args
+
 from pipeline_cond_ddpm import CondDDPMPipeline
 
 
@@ -17,8 +17,17 @@ def uninterrupted_run(tmp_path_factory, synthetic_dir):
     """Eight steps in one go, a checkpoint every two steps, at most two kept; mirrored images, so that resuming must
     also restore the flips' random draws."""
     output_dir = tmp_path_factory.mktemp("runs") / "uninterrupted"
-    args = training_args(output_dir, synthetic_dir, "--max_train_steps", 8, "--checkpointing_steps", 2, "--checkpoints_total_limit", 2,
-                         "--random_flip")
+    args = training_args(
+        output_dir,
+        synthetic_dir,
+        "--max_train_steps",
+        8,
+        "--checkpointing_steps",
+        2,
+        "--checkpoints_total_limit",
+        2,
+        "--random_flip",
+    )
     result = run_python("train_conditional_ddpm.py", *args, "--logger", "tensorboard")
     assert result.returncode == 0, result.stderr[-3000:]
     return output_dir, args, result
@@ -70,19 +79,33 @@ def test_resume_latest_continues_from_the_saved_step_to_the_same_weights(uninter
 def test_two_process_gloo_run_ends_with_identical_weights(tmp_path, synthetic_dir):
     args = training_args(tmp_path / "ddp", synthetic_dir, "--max_train_steps", 3, "--mixed_precision", "bf16")
     result = run_python(
-        "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--mixed_precision", "bf16",
-        "--num_machines", "1", "--dynamo_backend", "no", "train_conditional_ddpm.py", *args,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "bf16",
+        "--num_machines",
+        "1",
+        "--dynamo_backend",
+        "no",
+        "train_conditional_ddpm.py",
+        *args,
         env={"ACCELERATE_USE_CPU": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "the weights are identical on all 2 processes" in result.stderr
-    assert "8 images, 3 steps of 4 x 2 processes" in result.stderr or "images, 3 steps of 4 x 2 processes" in result.stderr
+    assert (
+        "8 images, 3 steps of 4 x 2 processes" in result.stderr or "images, 3 steps of 4 x 2 processes" in result.stderr
+    )
     CondDDPMPipeline.from_pretrained(tmp_path / "ddp")
 
 
 def test_a_launch_whose_processes_run_alone_is_refused(tmp_path, synthetic_dir):
     result = run_python(
-        "train_conditional_ddpm.py", *training_args(tmp_path / "alone", synthetic_dir, "--max_train_steps", 2),
+        "train_conditional_ddpm.py",
+        *training_args(tmp_path / "alone", synthetic_dir, "--max_train_steps", 2),
         env={"OMPI_COMM_WORLD_SIZE": "2"},  # what mpirun -n 2 sets for two copies that never meet
     )
     assert result.returncode != 0
@@ -104,18 +127,6 @@ def test_idle_cpu_cores_are_pointed_out(monkeypatch, caplog, threads, warned):
     assert ("--num_cpu_threads_per_process 4" in caplog.text) == warned
 
 
-def test_logit_normal_timesteps_stay_in_the_schedule_and_lean_noisier_with_a_positive_mean():
-    from train_conditional_ddpm import sample_timesteps
-
-    torch.manual_seed(0)
-    uniform = sample_timesteps(SimpleNamespace(timestep_sampling="uniform"), 4096, 1000, "cpu")
-    leaning = sample_timesteps(SimpleNamespace(timestep_sampling="logit_normal", logit_mean=0.5, logit_std=1.0), 4096, 1000, "cpu")
-    for timesteps in (uniform, leaning):
-        assert timesteps.dtype == torch.long and 0 <= timesteps.min() and timesteps.max() <= 999
-    assert 450 < uniform.float().median() < 550
-    assert leaning.float().median() > 580  # sigmoid(0.5) = 0.62 of the schedule
-
-
 def test_training_steps_make_no_host_sync(tmp_path, synthetic_dir):
     """Beyond the logging steps, a step never waits for the device, so more steps add no host sync (run on a CPU,
     counting the operations that would wait on a GPU). The per-step logging of --logging_steps 1 must show up."""
@@ -124,8 +135,18 @@ def test_training_steps_make_no_host_sync(tmp_path, synthetic_dir):
         output_dir = tmp_path / f"{steps}-{logging_steps}"
         # One loader worker: the data transforms then run in a process of their own, uncounted; on a GPU machine
         # their checks read CPU tensors, which waits for nothing.
-        args = training_args(output_dir, synthetic_dir, "--max_train_steps", steps, "--train_batch_size", 2,
-                             "--logging_steps", logging_steps, "--dataloader_num_workers", 1)
+        args = training_args(
+            output_dir,
+            synthetic_dir,
+            "--max_train_steps",
+            steps,
+            "--train_batch_size",
+            2,
+            "--logging_steps",
+            logging_steps,
+            "--dataloader_num_workers",
+            1,
+        )
         result = run_python("tests/count_host_syncs.py", *args)
         assert result.returncode == 0, result.stderr[-3000:]
         return int(result.stdout.split("host syncs: ")[1])

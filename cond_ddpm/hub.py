@@ -16,11 +16,32 @@ SAMPLE_GRID = "sample_grid.png"
 TAGS = ["cond-ddpm", "i-clevr", "class-conditional", "ddpm", "classifier-free-guidance"]
 # Settings that describe the run; the rest (paths, logging, Hub credentials) say nothing about the model.
 CARD_SETTINGS = (
-    "preset", "resolution", "synthetic_scenes", "ddpm_num_steps", "ddpm_beta_schedule", "prediction_type",
-    "condition_dropout", "snr_gamma", "train_batch_size", "gradient_accumulation_steps", "learning_rate",
-    "lr_scheduler", "lr_warmup_steps", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
-    "max_grad_norm", "use_ema", "ema_max_decay", "ema_inv_gamma", "ema_power", "random_flip", "same_colour_repeats",
-    "mixed_precision", "seed",
+    "preset",
+    "resolution",
+    "synthetic_scenes",
+    "ddpm_num_steps",
+    "ddpm_beta_schedule",
+    "prediction_type",
+    "condition_dropout",
+    "snr_gamma",
+    "train_batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "lr_scheduler",
+    "lr_warmup_steps",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_weight_decay",
+    "adam_epsilon",
+    "max_grad_norm",
+    "use_ema",
+    "ema_max_decay",
+    "ema_inv_gamma",
+    "ema_power",
+    "random_flip",
+    "same_colour_repeats",
+    "mixed_precision",
+    "seed",
 )
 
 CARD_TEMPLATE = """---

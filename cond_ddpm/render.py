@@ -299,8 +299,11 @@ def _linear_to_srgb(c):
     return _SRGB_TABLE[np.round(np.clip(c, 0.0, 1.0) * (len(_SRGB_TABLE) - 1)).astype(np.intp)]
 
 
-def random_scene(rng: np.random.Generator, class_names: list[str], num_objects: int = 3, names: list[str] | None = None):
-    """Draw a scene the way CLEVR does: distinct objects, no overlaps, none mostly hidden, slight camera and light jitter.
+def random_scene(
+    rng: np.random.Generator, class_names: list[str], num_objects: int = 3, names: list[str] | None = None
+):
+    """Draw a scene the way CLEVR does: distinct objects, no overlaps, none mostly hidden, slight camera and light
+    jitter.
 
     The objects are `num_objects` distinct ones of `class_names`, or exactly `names` (a label set) when given.
     """

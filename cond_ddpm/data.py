@@ -5,9 +5,9 @@ index). Both real and synthetic data load through `load_iclevr_dataset`; a datas
 `save_to_disk`) loads through `load_hub_dataset`. Either gives a `datasets.Dataset` whose rows come as `pixel_values`
 (3, R, R) in [-1, 1] and multi-hot `labels`.
 
-    python iclevr_data.py synthesize --output_dir DIR --num_scenes 1000 --seed 0
-    python iclevr_data.py preview --dataset_dir DIR --output preview.png
-    python iclevr_data.py push --dataset_dir DIR --repo_id you/iclevr-synthetic
+    python -m cond_ddpm.data synthesize --output_dir DIR --num_scenes 1000 --seed 0
+    python -m cond_ddpm.data preview --dataset_dir DIR --output preview.png
+    python -m cond_ddpm.data push --dataset_dir DIR --repo_id you/iclevr-synthetic
 """
 
 import argparse
@@ -26,9 +26,9 @@ from PIL import Image as PILImage
 from PIL import ImageDraw
 from torchvision.transforms import v2
 
-import cli
-from atomic_io import atomic_write, staged_directory
-from iclevr_render import RENDERER_VERSION, random_scene, render_scene
+from cond_ddpm import cli
+from cond_ddpm.atomic_io import atomic_write, staged_directory
+from cond_ddpm.render import RENDERER_VERSION, random_scene, render_scene
 from pipeline_cond_ddpm import multi_hot
 
 SPEC_DIR = Path(__file__).resolve().parent / "iclevr"
@@ -52,9 +52,11 @@ def read_objects_json(path=OBJECTS_JSON) -> list[str]:
     """The vocabulary of an objects.json ({name: index}), as a list of names in index order."""
     objects = _read_json(path)
     if not isinstance(objects, dict) or not objects or not all(type(i) is int for i in objects.values()):
-        raise ValueError(f"{path} must map object names to indices 0..C-1, e.g. {{\"gray cube\": 0}}")
+        raise ValueError(f'{path} must map object names to indices 0..C-1, e.g. {{"gray cube": 0}}')
     if sorted(objects.values()) != list(range(len(objects))):
-        raise ValueError(f"{path}: the indices must be 0..{len(objects) - 1}, each once; got {sorted(objects.values())}")
+        raise ValueError(
+            f"{path}: the indices must be 0..{len(objects) - 1}, each once; got {sorted(objects.values())}"
+        )
     return sorted(objects, key=objects.get)
 
 
@@ -62,7 +64,7 @@ def read_label_sets(path, class_names: list[str]) -> list[list[str]]:
     """A test.json-style file: a list of label sets, each a non-empty list of known object names."""
     label_sets = _read_json(path)
     if not isinstance(label_sets, list) or not label_sets:
-        raise ValueError(f"{path} must hold a non-empty list of label sets, e.g. [[\"red cube\", \"blue sphere\"]]")
+        raise ValueError(f'{path} must hold a non-empty list of label sets, e.g. [["red cube", "blue sphere"]]')
     for i, label_set in enumerate(label_sets):
         _check_label_set(label_set, class_names, f"{path}, entry {i}")
     return label_sets
@@ -118,7 +120,9 @@ def load_iclevr_dataset(train_data_dir, train_json, objects_json=OBJECTS_JSON, r
     return with_training_transform(build_dataset(train_data_dir, train_json, objects_json), resolution)
 
 
-def load_hub_dataset(dataset_name, resolution=64, image_column="image", label_column="objects", objects_json=OBJECTS_JSON):
+def load_hub_dataset(
+    dataset_name, resolution=64, image_column="image", label_column="objects", objects_json=OBJECTS_JSON
+):
     """A dataset from the Hub, or a local `save_to_disk` / imagefolder path, transformed like `load_iclevr_dataset`.
 
     The label column holds, per image, a list of object names or a list of `ClassLabel` indices (whose names then
@@ -165,8 +169,11 @@ def repeat_same_colour_pairs(dataset: Dataset, times: int) -> Dataset:
     if unnamed:
         raise ValueError(f"object names must read 'colour shape' to find same-coloured pairs, got {unnamed[0]!r}")
     colours = [name.split()[0] for name in class_names]
-    pairs = [i for i, objects in enumerate(dataset.with_format(None)["objects"])
-             if len({colours[j] for j in objects}) < len(objects)]
+    pairs = [
+        i
+        for i, objects in enumerate(dataset.with_format(None)["objects"])
+        if len({colours[j] for j in objects}) < len(objects)
+    ]
     return dataset.select(list(range(len(dataset))) + pairs * (times - 1))
 
 
@@ -174,7 +181,9 @@ def split_by_scene(dataset: Dataset, validation_fraction: float, seed: int = 0) 
     """Hold out a fraction of the scenes of a `build_dataset` result (i-CLEVR's 3 images of a scene stay together)."""
     if not 0 < validation_fraction < 1:
         raise ValueError(f"validation_fraction must lie strictly between 0 and 1, got {validation_fraction!r}")
-    scenes = [Path(cell["path"]).stem.rsplit("_", 1)[0] for cell in dataset.cast_column("image", Image(decode=False))["image"]]
+    scenes = [
+        Path(cell["path"]).stem.rsplit("_", 1)[0] for cell in dataset.cast_column("image", Image(decode=False))["image"]
+    ]
     unique = sorted(set(scenes))
     held_out = set(np.random.default_rng(seed).permutation(unique)[: max(1, round(validation_fraction * len(unique)))])
     validation = [i for i, scene in enumerate(scenes) if scene in held_out]
@@ -321,9 +330,13 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     render = commands.add_parser("synthesize", help="render a synthetic i-CLEVR folder")
     render.add_argument("--output_dir", required=True)
-    render.add_argument("--num_scenes", type=cli.positive_int, default=1000, help="each scene gives 3 images (1, 2, 3 objects)")
+    render.add_argument(
+        "--num_scenes", type=cli.positive_int, default=1000, help="each scene gives 3 images (1, 2, 3 objects)"
+    )
     render.add_argument("--seed", type=int, default=0)
-    render.add_argument("--num_workers", type=cli.positive_int, default=None, help="rendering processes (default: all cores)")
+    render.add_argument(
+        "--num_workers", type=cli.positive_int, default=None, help="rendering processes (default: all cores)"
+    )
     show = commands.add_parser("preview", help="draw images of an i-CLEVR-style folder with their labels")
     show.add_argument("--dataset_dir", required=True, help="holds images/ and train.json")
     show.add_argument("--output", required=True)
