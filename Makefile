@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 # This torch pair installs from the local disk on the project's CI machines; override TORCH elsewhere if needed.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: train test
+.PHONY: train test print-torch
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,3 +22,7 @@ train: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
+
+# The torch pair, for .ci/install_check's fresh environment.
+print-torch:
+	@echo $(TORCH)
