@@ -347,7 +347,18 @@ def train_main(argv):
     cli.run(train_conditional_ddpm.main, parse_args(argv))
 
 
-TRAIN_BASE = ["--preset", "tiny", "--resolution", "16", "--logger", "none", "--max_train_steps", "1", "--mixed_precision", "no"]
+TRAIN_BASE = [
+    "--preset",
+    "tiny",
+    "--resolution",
+    "16",
+    "--logger",
+    "none",
+    "--max_train_steps",
+    "1",
+    "--mixed_precision",
+    "no",
+]
 SWEEP = [
     # (command, arguments (TMP = a fresh folder, DATA:kind = a broken data folder), expected message)
     ("train", ["--preset", "gpu", "--resolution", "60"], "--resolution 60 must be a multiple of 8"),
