@@ -1,9 +1,9 @@
 """Train a label-conditioned DDPM (`CondDDPMPipeline`) on i-CLEVR with Accelerate, on any number of processes.
 
-    accelerate launch train_conditional_ddpm.py --output_dir runs/tiny                  # built-in synthetic data
+    accelerate launch train_conditional_ddpm.py --output_dir runs/gpu        # the GPU recipe, built-in synthetic data
+    accelerate launch train_conditional_ddpm.py --recipe cpu --output_dir runs/cpu              # the CPU recipe
     accelerate launch --config_file accelerate_config.yaml train_conditional_ddpm.py \\
-        --train_data_dir iclevr/images --train_json train.json --objects_json objects.json \\
-        --preset base --resolution 64 --output_dir runs/base
+        --train_data_dir iclevr/images --train_json train.json --objects_json objects.json --output_dir runs/iclevr
 
 The run ends with the pipeline (EMA weights with `--use_ema`) saved by `save_pretrained` in `--output_dir`, beside
 `checkpoint-N/` folders that `--resume_from_checkpoint latest` continues from, sample grids in `samples/` and
@@ -222,13 +222,35 @@ def check_replicas_agree(accelerator, model):
     logger.info(f"the weights are identical on all {accelerator.num_processes} processes", main_process_only=True)
 
 
-# --- Training ------------------------------------------------------------------------------------------------------
+def check_launch(accelerator):
+    """Refuse a launch whose processes do not know each other: they would train identical copies."""
+    launched = [int(os.environ.get(v, "1")) for v in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")]
+    if max(launched) > accelerator.num_processes:
+        raise ValueError(
+            f"{max(launched)} processes were launched but each runs alone"
+            f" (Accelerate sees {accelerator.num_processes});"
+            " launch with `accelerate launch --multi_gpu --num_processes N` (on CPU: ACCELERATE_USE_CPU=1) or"
+            " `accelerate launch --config_file accelerate_config.yaml`"
+        )
 
 
-def main(args):
-    # Processes, seed, logging.
-    output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
+def check_cpu_threads(accelerator):
+    """Warn when torch uses fewer CPU cores than this process could: `accelerate launch` sets OMP_NUM_THREADS=1
+    unless told otherwise, which halves a single-process run on a 2-core machine."""
+    if accelerator.device.type != "cpu":
+        return
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    cores = max(1, len(os.sched_getaffinity(0)) // local_processes)
+    if torch.get_num_threads() < cores:
+        logger.warning(
+            f"torch uses {torch.get_num_threads()} CPU thread(s) per process and {cores} cores are free for each;"
+            f" launch with `accelerate launch --num_cpu_threads_per_process {cores}` (or set OMP_NUM_THREADS={cores})",
+            main_process_only=True,
+        )
+
+
+def make_accelerator(args, output_dir: Path) -> Accelerator:
+    return Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.logger == "none" else args.logger,
@@ -238,22 +260,10 @@ def main(args):
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed, non_blocking=True),
         dynamo_backend="inductor" if args.compile else "no",
     )
-    check_launch(accelerator)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
-    check_cpu_threads(accelerator)
-    set_seed(args.seed, device_specific=True)  # one seed per process, so noise differs across processes
-    if accelerator.is_main_process:
-        if args.push_to_hub:  # fail now, not after hours of training
-            hub.check_access(args.hub_model_id or output_dir.name, args.hub_token)
-        output_dir.mkdir(parents=True, exist_ok=True)
 
-    # Data. The main process renders or checks it first; the others then read the finished result.
-    with accelerator.main_process_first():
-        dataset = repeat_same_colour_pairs(load_training_data(args), args.same_colour_repeats)
-    class_names = dataset_class_names(dataset)
-    validation_labels = held_out_label_sets(dataset, args.num_validation_images, args.seed)
-    validation_multi_hot = multi_hot(validation_labels, class_names)
-    train_dataloader = torch.utils.data.DataLoader(
+
+def make_dataloader(args, accelerator, dataset) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
         dataset,
         batch_size=args.train_batch_size,
         shuffle=True,
@@ -267,38 +277,29 @@ def main(args):
         generator=torch.Generator().manual_seed(args.seed),
     )
 
-    # Model, EMA copy, noise schedule.
-    pipeline = CondDDPMPipeline.from_preset(
-        args.preset, class_names, args.resolution, args.ddpm_num_steps, args.ddpm_beta_schedule, args.prediction_type
-    )
-    noise_scheduler = pipeline.scheduler
-    denoiser = Denoiser(pipeline.unet, pipeline.label_embedding).to(memory_format=torch.channels_last)
-    emas = {}
-    if args.use_ema:
-        emas = {
-            name: EMAModel(
-                module.parameters(),
-                decay=args.ema_max_decay,
-                use_ema_warmup=True,
-                inv_gamma=args.ema_inv_gamma,
-                power=args.ema_power,
-                model_cls=type(module),
-                model_config=module.config,
-                foreach=True,  # all tensors at once: tensor by tensor, the EMA cost a GPU run 9% of its images/s
-            )
-            for name, module in (("unet", denoiser.unet), ("label_embedding", denoiser.label_embedding))
-        }
-    training_state = {
-        "preset": args.preset,
-        "resolution": args.resolution,
-        "class_names": class_names,
-        "prediction_type": args.prediction_type,
-        "ddpm_num_steps": args.ddpm_num_steps,
-        "ddpm_beta_schedule": args.ddpm_beta_schedule,
-        "samples_per_step": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
+
+def make_emas(args, denoiser) -> dict[str, EMAModel]:
+    """One EMA copy per trained module (none without `--use_ema`), keyed by its attribute name on `Denoiser`."""
+    if not args.use_ema:
+        return {}
+    return {
+        name: EMAModel(
+            module.parameters(),
+            decay=args.ema_max_decay,
+            use_ema_warmup=True,
+            inv_gamma=args.ema_inv_gamma,
+            power=args.ema_power,
+            model_cls=type(module),
+            model_config=module.config,
+            foreach=True,  # all tensors at once: tensor by tensor, the EMA cost a GPU run 9% of its images/s
+        )
+        for name, module in (("unet", denoiser.unet), ("label_embedding", denoiser.label_embedding))
     }
 
-    # Checkpoints hold the pipeline in save_pretrained form (plus the EMA weights), not a bare state dict.
+
+def register_checkpoint_hooks(accelerator, noise_scheduler, emas):
+    """Checkpoints hold the pipeline in save_pretrained form (plus the EMA weights), not a bare state dict."""
+
     def save_model_hook(models, weights, folder):
         # Under fork_rng: EMAModel.save_pretrained builds a freshly initialised model, and a checkpoint must not move
         # the training RNG, or a run would depend on when it was checkpointed and resuming could not be exact.
@@ -322,8 +323,9 @@ def main(args):
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
 
-    # Optimizer and learning-rate schedule.
-    optimizer = torch.optim.AdamW(
+
+def make_optimizer(args, accelerator, denoiser) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
         denoiser.parameters(),
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
@@ -331,189 +333,129 @@ def main(args):
         eps=args.adam_epsilon,
         fused=accelerator.device.type == "cuda",
     )
-    steps_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
-    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_train_steps * accelerator.num_processes,
-    )
-    denoiser, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-        denoiser, optimizer, train_dataloader, lr_scheduler
-    )
-    for ema in emas.values():
-        ema.to(accelerator.device)
-    evaluator = None
-    if args.evaluator_checkpoint and accelerator.is_main_process:
-        evaluator = load_evaluator(args.evaluator_checkpoint, len(class_names), accelerator.device)
-    if accelerator.is_main_process:
-        accelerator.init_trackers(
-            "cond_ddpm",
-            config={k: v for k, v in vars(args).items() if k != "hub_token" and isinstance(v, (int, float, str, bool))},
-        )
 
-    # Resume: weights, EMA, optimizer, LR schedule, RNG states, then the data order up to the saved step.
-    global_step = 0
-    if args.resume_from_checkpoint:
-        checkpoints = (
-            find_checkpoints(output_dir)
-            if args.resume_from_checkpoint == "latest"
-            else [Path(args.resume_from_checkpoint)]
-        )
-        if not checkpoints:
-            logger.warning(f"no finished checkpoint in {output_dir}; starting a new run", main_process_only=True)
-        else:
-            checkpoint = checkpoints[-1]
-            if not (checkpoint / "training_state.json").is_file():
-                raise ValueError(f"{checkpoint} is not a finished checkpoint (it has no training_state.json)")
-            global_step = check_resumable(checkpoint, training_state)
-            accelerator.load_state(str(checkpoint))
-            logger.info(f"resumed from {checkpoint} at step {global_step}", main_process_only=True)
-    first_epoch = global_step // steps_per_epoch
-    resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
 
-    # The loop.
-    logger.info(
-        f"{len(dataset)} images, {max_train_steps} steps of {args.train_batch_size} x {accelerator.num_processes}"
-        f" processes x {args.gradient_accumulation_steps} accumulation",
-        main_process_only=True,
-    )
-    stop = StopRequest()
-    progress = tqdm(
-        range(max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process, desc="steps"
-    )
-    running_loss = torch.zeros((), device=accelerator.device)
-    running_count = 0
-    interval_start = time.perf_counter()
-    verified_step = global_step  # the last step whose loss was checked to be finite
-    best_accuracy = -1.0
-    for epoch in range(first_epoch, num_epochs):
-        denoiser.train()
-        train_dataloader.set_epoch(epoch)
-        batches = train_dataloader
-        if epoch == first_epoch and resume_batches:
-            batches = accelerator.skip_first_batches(train_dataloader, resume_batches)
-            batches.set_epoch(epoch)  # a fresh loader starts at epoch 0, which would reshuffle differently
-        for batch in batches:
-            images = batch["pixel_values"].to(memory_format=torch.channels_last)
-            labels = batch["labels"]
-            if args.random_flip:  # here, not in the data workers, so the global RNG (saved in checkpoints) decides
-                flip = torch.rand(len(images), 1, 1, 1, device=images.device) < 0.5
-                images = torch.where(flip, images.flip(-1), images)
-            noise = torch.randn_like(images)
-            num_timesteps = noise_scheduler.config.num_train_timesteps
-            timesteps = torch.randint(0, num_timesteps, (len(images),), device=images.device)
-            noisy_images = noise_scheduler.add_noise(images, noise, timesteps)
-            # Classifier-free guidance: sometimes train on the null (all-zero) label.
-            keep = torch.rand(len(labels), 1, device=labels.device) >= args.condition_dropout
-            labels = labels * keep
-            target = (
-                noise if args.prediction_type == "epsilon" else noise_scheduler.get_velocity(images, noise, timesteps)
-            )
-            with accelerator.accumulate(denoiser):
-                prediction = denoiser(noisy_images, timesteps, labels)
-                loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-                if args.snr_gamma is not None:  # min-SNR weighting (Hang et al. 2023)
-                    snr = compute_snr(noise_scheduler, timesteps)
-                    weight = torch.clamp(snr, max=args.snr_gamma) / (
-                        snr if args.prediction_type == "epsilon" else snr + 1
-                    )
-                    loss = loss * weight
-                loss = loss.mean()
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(denoiser.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            running_loss += loss.detach()
-            running_count += 1
-            if not accelerator.sync_gradients:
-                continue
+def resume(args, accelerator, output_dir: Path, training_state: dict) -> int:
+    """Load weights, EMA, optimizer, LR schedule and RNG states from the checkpoint asked for; return its step
+    (0 when there is none to resume)."""
+    if not args.resume_from_checkpoint:
+        return 0
+    if args.resume_from_checkpoint == "latest":
+        checkpoints = find_checkpoints(output_dir)
+    else:
+        checkpoints = [Path(args.resume_from_checkpoint)]
+    if not checkpoints:
+        logger.warning(f"no finished checkpoint in {output_dir}; starting a new run", main_process_only=True)
+        return 0
+    checkpoint = checkpoints[-1]
+    if not (checkpoint / "training_state.json").is_file():
+        raise ValueError(f"{checkpoint} is not a finished checkpoint (it has no training_state.json)")
+    step = check_resumable(checkpoint, training_state)
+    accelerator.load_state(str(checkpoint))
+    logger.info(f"resumed from {checkpoint} at step {step}", main_process_only=True)
+    return step
 
-            model = accelerator.unwrap_model(denoiser)
-            for name, ema in emas.items():
-                ema.step(getattr(model, name).parameters())
-            global_step += 1
-            progress.update(1)
-            sync_point = global_step % args.logging_steps == 0 or global_step == max_train_steps
-            if sync_point:
-                # One host sync per logging interval: the loss is averaged over steps and processes.
-                mean_loss = accelerator.gather(running_loss / running_count).mean().item()
-                check_finite(mean_loss, global_step, output_dir, verified_step)
-                verified_step = global_step
-                seconds, interval_start = time.perf_counter() - interval_start, time.perf_counter()
-                seen = running_count * args.train_batch_size * accelerator.num_processes
-                logs = {
-                    "loss": mean_loss,
-                    "lr": lr_scheduler.get_last_lr()[0],
-                    "epoch": epoch,
-                    "images_per_second": seen / seconds,
-                }
-                if emas:
-                    logs["ema_decay"] = emas["unet"].cur_decay_value
-                progress.set_postfix(
-                    loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{logs['images_per_second']:.1f}"
-                )
-                accelerator.log(logs, step=global_step)
-                running_loss.zero_()
-                running_count = 0
-            stop_now = stop.now(accelerator, sync_point)
-            if stop_now or (args.checkpointing_steps and global_step % args.checkpointing_steps == 0):
-                # Never save diverged weights: they would become the "last good" checkpoint.
-                check_finite(accelerator.gather(running_loss).sum().item(), global_step, output_dir, verified_step)
-                verified_step = global_step
-                save_checkpoint(accelerator, output_dir, global_step, training_state, args.checkpoints_total_limit)
-            if stop_now:
-                logger.info(f"stop requested: checkpoint-{global_step} saved, stopping", main_process_only=True)
-                stop.restore()
-                accelerator.end_training()
-                return None
-            if global_step >= max_train_steps:
-                break
 
-        # Samples of the held-out validation labels, and their accuracy if an evaluator is given.
-        last_epoch = epoch == num_epochs - 1 or global_step >= max_train_steps
-        if accelerator.is_main_process and ((epoch + 1) % args.save_images_epochs == 0 or last_epoch):
-            with ema_weights(accelerator, denoiser, emas):
-                pipeline = build_pipeline(accelerator, denoiser, noise_scheduler)
-                images = sample(args, pipeline, validation_labels)
-                accuracy = record_validation(
-                    args, accelerator, images, validation_multi_hot, evaluator, epoch, global_step
-                )
-                if accuracy is not None and accuracy > best_accuracy:
-                    best_accuracy = accuracy
-                    with staged_directory(output_dir / "best", overwrite=True) as folder:
-                        pipeline.save_pretrained(folder)
-                    logger.info(f"new best validation accuracy {accuracy:.4f}: pipeline saved to {output_dir / 'best'}")
-        accelerator.wait_for_everyone()
-        if global_step >= max_train_steps:
-            break
+def epoch_batches(accelerator, train_dataloader, epoch: int, skip: int):
+    """The batches of `epoch`, less the first `skip` ones that a resumed run already trained on."""
+    train_dataloader.set_epoch(epoch)
+    if not skip:
+        return train_dataloader
+    batches = accelerator.skip_first_batches(train_dataloader, skip)
+    batches.set_epoch(epoch)  # a fresh loader starts at epoch 0, which would reshuffle differently
+    return batches
 
-    # Finish: the EMA weights are the ones saved.
-    stop.restore()
-    if accelerator.num_processes > 1:
-        check_replicas_agree(accelerator, denoiser)
-    if accelerator.is_main_process:
-        with ema_weights(accelerator, denoiser, emas):
-            pipeline = build_pipeline(accelerator, denoiser, noise_scheduler)
-            metrics = final_scores(args, pipeline, evaluator) if evaluator is not None else {}
-            with staged_contents(output_dir, marker="model_index.json") as folder:
-                pipeline.save_pretrained(folder)
-                location = args.hub_model_id if args.push_to_hub else str(output_dir.resolve())
-                settings = {**vars(args), "mixed_precision": accelerator.mixed_precision}
-                hub.write_model_card(
-                    folder, pipeline, settings, metrics, output_dir / "samples" / "latest.png", global_step, location
-                )
-        print(f"Pipeline saved to {output_dir}; samples in {output_dir / 'samples'}")
-        if args.push_to_hub:
-            url = hub.push(output_dir, args.hub_model_id or output_dir.name, args.hub_token, args.hub_private_repo)
-            print(f"Pushed to {url}")
-    progress.close()
-    accelerator.end_training()
-    return output_dir
+
+def diffusion_loss(args, denoiser, noise_scheduler, batch) -> torch.Tensor:
+    """The denoising loss of one batch: noise at random timesteps, the null label at random for classifier-free
+    guidance, the target of `--prediction_type`, min-SNR weighting with `--snr_gamma`."""
+    images = batch["pixel_values"].to(memory_format=torch.channels_last)
+    labels = batch["labels"]
+    if args.random_flip:  # here, not in the data workers, so the global RNG (saved in checkpoints) decides
+        flip = torch.rand(len(images), 1, 1, 1, device=images.device) < 0.5
+        images = torch.where(flip, images.flip(-1), images)
+    noise = torch.randn_like(images)
+    num_timesteps = noise_scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, num_timesteps, (len(images),), device=images.device)
+    noisy_images = noise_scheduler.add_noise(images, noise, timesteps)
+    keep = torch.rand(len(labels), 1, device=labels.device) >= args.condition_dropout
+    target = noise if args.prediction_type == "epsilon" else noise_scheduler.get_velocity(images, noise, timesteps)
+    prediction = denoiser(noisy_images, timesteps, labels * keep)
+    loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if args.snr_gamma is not None:  # min-SNR weighting (Hang et al. 2023)
+        snr = compute_snr(noise_scheduler, timesteps)
+        weight = torch.clamp(snr, max=args.snr_gamma) / (snr if args.prediction_type == "epsilon" else snr + 1)
+        loss = loss * weight
+    return loss.mean()
+
+
+def training_step(args, accelerator, denoiser, noise_scheduler, optimizer, lr_scheduler, batch) -> torch.Tensor:
+    """One forward and backward pass; the optimizer steps once every `--gradient_accumulation_steps` of them."""
+    with accelerator.accumulate(denoiser):
+        loss = diffusion_loss(args, denoiser, noise_scheduler, batch)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and args.max_grad_norm:
+            accelerator.clip_grad_norm_(denoiser.parameters(), args.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def update_ema(accelerator, denoiser, emas):
+    model = accelerator.unwrap_model(denoiser)
+    for name, ema in emas.items():
+        ema.step(getattr(model, name).parameters())
+
+
+class LossLog:
+    """The training loss, summed on the device between logging steps: reading it makes the CPU wait for the GPU,
+    so that happens once per logging interval (and before each checkpoint), never once per step."""
+
+    def __init__(self, accelerator, output_dir: Path, step: int):
+        self.accelerator, self.output_dir = accelerator, output_dir
+        self.total = torch.zeros((), device=accelerator.device)
+        self.count = 0
+        self.interval_start = time.perf_counter()
+        self.verified_step = step  # the last step whose loss was checked to be finite
+
+    def add(self, loss: torch.Tensor):
+        self.total += loss
+        self.count += 1
+
+    def check_finite(self, step: int):
+        """Stop on a loss that is not finite since the last check (called before saving: never save diverged
+        weights, they would become the "last good" checkpoint)."""
+        check_finite(self.accelerator.gather(self.total).sum().item(), step, self.output_dir, self.verified_step)
+        self.verified_step = step
+
+    def read(self, step: int, samples_per_batch: int) -> tuple[float, float]:
+        """The mean loss over the interval's steps and all processes, and the images per second; starts the next
+        interval."""
+        mean_loss = self.accelerator.gather(self.total / self.count).mean().item()
+        check_finite(mean_loss, step, self.output_dir, self.verified_step)
+        self.verified_step = step
+        seconds, self.interval_start = time.perf_counter() - self.interval_start, time.perf_counter()
+        images_per_second = self.count * samples_per_batch / seconds
+        self.total.zero_()
+        self.count = 0
+        return mean_loss, images_per_second
+
+
+def log_step(args, accelerator, loss_log, progress, lr_scheduler, emas, epoch: int, step: int):
+    """Log the loss, learning rate and speed of the interval that ends at `step` to the trackers and the progress
+    bar."""
+    mean_loss, images_per_second = loss_log.read(step, args.train_batch_size * accelerator.num_processes)
+    logs = {
+        "loss": mean_loss,
+        "lr": lr_scheduler.get_last_lr()[0],
+        "epoch": epoch,
+        "images_per_second": images_per_second,
+    }
+    if emas:
+        logs["ema_decay"] = emas["unet"].cur_decay_value
+    progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{images_per_second:.1f}")
+    accelerator.log(logs, step=step)
 
 
 @contextmanager
@@ -557,6 +499,21 @@ def record_validation(args, accelerator, images, labels, evaluator, epoch, step)
     return accuracy
 
 
+def validate(args, accelerator, pipeline, validation_labels, evaluator, epoch, step, best_accuracy) -> float:
+    """Samples of the held-out validation labels, and their accuracy if an evaluator is given: a new best saves the
+    pipeline to `best/`. Returns the best accuracy so far."""
+    images = sample(args, pipeline, validation_labels)
+    labels = multi_hot(validation_labels, pipeline.class_names)
+    accuracy = record_validation(args, accelerator, images, labels, evaluator, epoch, step)
+    if accuracy is None or accuracy <= best_accuracy:
+        return best_accuracy
+    best = Path(args.output_dir) / "best"
+    with staged_directory(best, overwrite=True) as folder:
+        pipeline.save_pretrained(folder)
+    logger.info(f"new best validation accuracy {accuracy:.4f}: pipeline saved to {best}")
+    return accuracy
+
+
 def final_scores(args, pipeline, evaluator) -> dict:
     """Accuracy on test.json and new_test.json, for the record only: no choice made by training depends on it."""
     scores = {}
@@ -574,31 +531,156 @@ def final_scores(args, pipeline, evaluator) -> dict:
     return scores
 
 
-def check_launch(accelerator):
-    """Refuse a launch whose processes do not know each other: they would train identical copies."""
-    launched = [int(os.environ.get(v, "1")) for v in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")]
-    if max(launched) > accelerator.num_processes:
-        raise ValueError(
-            f"{max(launched)} processes were launched but each runs alone"
-            f" (Accelerate sees {accelerator.num_processes});"
-            " launch with `accelerate launch --multi_gpu --num_processes N` (on CPU: ACCELERATE_USE_CPU=1) or"
-            " `accelerate launch --config_file accelerate_config.yaml`"
+def save_final(args, accelerator, pipeline, evaluator, global_step: int):
+    """Save the pipeline with its model card into `--output_dir` (and push it if asked)."""
+    output_dir = Path(args.output_dir)
+    metrics = final_scores(args, pipeline, evaluator) if evaluator is not None else {}
+    with staged_contents(output_dir, marker="model_index.json") as folder:
+        pipeline.save_pretrained(folder)
+        location = args.hub_model_id if args.push_to_hub else str(output_dir.resolve())
+        settings = {**vars(args), "mixed_precision": accelerator.mixed_precision}
+        hub.write_model_card(
+            folder, pipeline, settings, metrics, output_dir / "samples" / "latest.png", global_step, location
         )
+    print(f"Pipeline saved to {output_dir}; samples in {output_dir / 'samples'}")
+    if args.push_to_hub:
+        url = hub.push(output_dir, args.hub_model_id or output_dir.name, args.hub_token, args.hub_private_repo)
+        print(f"Pushed to {url}")
 
 
-def check_cpu_threads(accelerator):
-    """Warn when torch uses fewer CPU cores than this process could: `accelerate launch` sets OMP_NUM_THREADS=1
-    unless told otherwise, which halves a single-process run on a 2-core machine."""
-    if accelerator.device.type != "cpu":
-        return
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-    cores = max(1, len(os.sched_getaffinity(0)) // local_processes)
-    if torch.get_num_threads() < cores:
-        logger.warning(
-            f"torch uses {torch.get_num_threads()} CPU thread(s) per process and {cores} cores are free for each;"
-            f" launch with `accelerate launch --num_cpu_threads_per_process {cores}` (or set OMP_NUM_THREADS={cores})",
-            main_process_only=True,
+# --- Training ------------------------------------------------------------------------------------------------------
+
+
+def main(args):
+    # Set-up: processes, seed, logging.
+    output_dir = Path(args.output_dir)
+    accelerator = make_accelerator(args, output_dir)
+    check_launch(accelerator)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    check_cpu_threads(accelerator)
+    set_seed(args.seed, device_specific=True)  # one seed per process, so noise differs across processes
+    if accelerator.is_main_process:
+        if args.push_to_hub:  # fail now, not after hours of training
+            hub.check_access(args.hub_model_id or output_dir.name, args.hub_token)
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    # Data. The main process renders or checks it first; the others then read the finished result.
+    with accelerator.main_process_first():
+        dataset = repeat_same_colour_pairs(load_training_data(args), args.same_colour_repeats)
+    class_names = dataset_class_names(dataset)
+    validation_labels = held_out_label_sets(dataset, args.num_validation_images, args.seed)
+    train_dataloader = make_dataloader(args, accelerator, dataset)
+
+    # Model, EMA copy, noise schedule.
+    pipeline = CondDDPMPipeline.from_preset(
+        args.preset, class_names, args.resolution, args.ddpm_num_steps, args.ddpm_beta_schedule, args.prediction_type
+    )
+    noise_scheduler = pipeline.scheduler
+    denoiser = Denoiser(pipeline.unet, pipeline.label_embedding).to(memory_format=torch.channels_last)
+    emas = make_emas(args, denoiser)
+    training_state = {
+        "preset": args.preset,
+        "resolution": args.resolution,
+        "class_names": class_names,
+        "prediction_type": args.prediction_type,
+        "ddpm_num_steps": args.ddpm_num_steps,
+        "ddpm_beta_schedule": args.ddpm_beta_schedule,
+        "samples_per_step": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
+    }
+    register_checkpoint_hooks(accelerator, noise_scheduler, emas)
+
+    # Optimizer and learning-rate schedule.
+    optimizer = make_optimizer(args, accelerator, denoiser)
+    steps_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+    )
+    denoiser, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        denoiser, optimizer, train_dataloader, lr_scheduler
+    )
+    for ema in emas.values():
+        ema.to(accelerator.device)
+    evaluator = None
+    if args.evaluator_checkpoint and accelerator.is_main_process:
+        evaluator = load_evaluator(args.evaluator_checkpoint, len(class_names), accelerator.device)
+    if accelerator.is_main_process:
+        accelerator.init_trackers(
+            "cond_ddpm",
+            config={k: v for k, v in vars(args).items() if k != "hub_token" and isinstance(v, (int, float, str, bool))},
         )
+
+    # Resume: the training state, then the data order up to the saved step.
+    global_step = resume(args, accelerator, output_dir, training_state)
+    first_epoch = global_step // steps_per_epoch
+    resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+
+    # The loop.
+    logger.info(
+        f"{len(dataset)} images, {max_train_steps} steps of {args.train_batch_size} x {accelerator.num_processes}"
+        f" processes x {args.gradient_accumulation_steps} accumulation",
+        main_process_only=True,
+    )
+    stop = StopRequest()
+    progress = tqdm(
+        range(max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process, desc="steps"
+    )
+    loss_log = LossLog(accelerator, output_dir, global_step)
+    best_accuracy = -1.0
+    for epoch in range(first_epoch, num_epochs):
+        denoiser.train()
+        skip = resume_batches if epoch == first_epoch else 0
+        for batch in epoch_batches(accelerator, train_dataloader, epoch, skip):
+            loss_log.add(training_step(args, accelerator, denoiser, noise_scheduler, optimizer, lr_scheduler, batch))
+            if not accelerator.sync_gradients:
+                continue
+
+            # The end of an optimizer step: EMA, logging, checkpoint, stop request.
+            update_ema(accelerator, denoiser, emas)
+            global_step += 1
+            progress.update(1)
+            sync_point = global_step % args.logging_steps == 0 or global_step == max_train_steps
+            if sync_point:
+                log_step(args, accelerator, loss_log, progress, lr_scheduler, emas, epoch, global_step)
+            stop_now = stop.now(accelerator, sync_point)
+            if stop_now or (args.checkpointing_steps and global_step % args.checkpointing_steps == 0):
+                loss_log.check_finite(global_step)
+                save_checkpoint(accelerator, output_dir, global_step, training_state, args.checkpoints_total_limit)
+            if stop_now:
+                logger.info(f"stop requested: checkpoint-{global_step} saved, stopping", main_process_only=True)
+                stop.restore()
+                accelerator.end_training()
+                return None
+            if global_step >= max_train_steps:
+                break
+
+        last_epoch = epoch == num_epochs - 1 or global_step >= max_train_steps
+        if accelerator.is_main_process and ((epoch + 1) % args.save_images_epochs == 0 or last_epoch):
+            with ema_weights(accelerator, denoiser, emas):
+                pipeline = build_pipeline(accelerator, denoiser, noise_scheduler)
+                best_accuracy = validate(
+                    args, accelerator, pipeline, validation_labels, evaluator, epoch, global_step, best_accuracy
+                )
+        accelerator.wait_for_everyone()
+        if global_step >= max_train_steps:
+            break
+
+    # Finish: the EMA weights are the ones saved.
+    stop.restore()
+    if accelerator.num_processes > 1:
+        check_replicas_agree(accelerator, denoiser)
+    if accelerator.is_main_process:
+        with ema_weights(accelerator, denoiser, emas):
+            save_final(
+                args, accelerator, build_pipeline(accelerator, denoiser, noise_scheduler), evaluator, global_step
+            )
+    progress.close()
+    accelerator.end_training()
+    return output_dir
 
 
 # --- Command line: the defaults train the GPU model on real i-CLEVR-sized data ---------------------------------------
