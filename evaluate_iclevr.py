@@ -147,13 +147,23 @@ def set_scheduler(pipeline: CondDDPMPipeline, name: str) -> None:
     pipeline.scheduler = SCHEDULERS[name](pipeline.scheduler.config)
 
 
-def generate(pipeline, label_sets, num_inference_steps, guidance_scale, seed=0, batch_size=64) -> torch.Tensor:
-    """8-bit images (B, 3, 64, 64), one per label set. Image i uses seed + i, so batching does not change it."""
+def generate(
+    pipeline, label_sets, num_inference_steps, guidance_scale, seed=0, batch_size=64, callback_on_step_end=None
+) -> torch.Tensor:
+    """8-bit images (B, 3, 64, 64), one per label set. Image i uses seed + i, so batching does not change it.
+    `callback_on_step_end` goes to the pipeline (the training script's stops sampling through it)."""
     chunks = []
     for start in range(0, len(label_sets), batch_size):
         batch = label_sets[start : start + batch_size]
         generators = [torch.Generator(pipeline.device).manual_seed(seed + start + i) for i in range(len(batch))]
-        images = pipeline(batch, num_inference_steps, guidance_scale, generator=generators, output_type="pt").images
+        images = pipeline(
+            batch,
+            num_inference_steps,
+            guidance_scale,
+            generator=generators,
+            output_type="pt",
+            callback_on_step_end=callback_on_step_end,
+        ).images
         # Quantise where the pipeline's PNGs would, then upsample and quantise again for the 64x64 files.
         images = (images.float() * 255).round() / 255
         chunks.append(to_evaluator_pixels(images.cpu()))
@@ -235,7 +245,21 @@ def _as_tensors(dataset):
     return torch.stack([r["pixel_values"] for r in rows]), torch.stack([r["labels"] for r in rows])
 
 
+def check_evaluator_output(output) -> Path:
+    """Where the metadata of an evaluator saved at `output` goes; refuses an `output` it would clash with."""
+    output, metadata = Path(output), Path(output).with_suffix(".json")
+    if output.is_dir():
+        raise IsADirectoryError(f"--output {output} is a folder; give a file name, e.g. {output / 'evaluator.pth'}")
+    if metadata == output:
+        raise ValueError(
+            f"--output {output} is where the training metadata goes ({metadata}); save the evaluator under another"
+            " suffix, e.g. evaluator.pth"
+        )
+    return metadata
+
+
 def train_evaluator(args):
+    metadata = check_evaluator_output(args.output)
     torch.manual_seed(args.seed)
     rows = build_dataset(args.train_data_dir, args.train_json, args.objects_json)
     train_rows, validation_rows = split_by_scene(rows, args.validation_fraction, args.seed)
@@ -272,7 +296,7 @@ def train_evaluator(args):
             best = val_accuracy
             save_evaluator(model, args.output)
     atomic_write_text(
-        Path(args.output).with_suffix(".json"),
+        metadata,
         json.dumps({"held_out_accuracy": best, **vars(args)}, indent=2, default=str) + "\n",
     )
     print(f"best held-out accuracy {best:.4f}; evaluator saved to {args.output}")
@@ -314,13 +338,13 @@ def denoise(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name, help, label_files=False):
         sub = commands.add_parser(name, help=help)
         sub.add_argument("--objects_json", default=OBJECTS_JSON)
-        sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        sub.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu")
         if label_files:
             sub.add_argument("--test_json", default=TEST_JSON)
             sub.add_argument("--new_test_json", default=NEW_TEST_JSON)
@@ -330,8 +354,8 @@ def parse_args(argv=None):
         sub.add_argument("--pipeline", required=True, help="a folder saved by the training script")
         sub.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=sorted(SCHEDULERS))
         sub.add_argument("--num_inference_steps", type=cli.positive_int, default=steps)
-        sub.add_argument("--guidance_scale", type=cli.non_negative_float, default=DEFAULT_GUIDANCE_SCALE)
-        sub.add_argument("--seed", type=int, default=0)
+        sub.add_argument("--guidance_scale", type=cli.guidance_scale, default=DEFAULT_GUIDANCE_SCALE)
+        sub.add_argument("--seed", type=cli.seed, default=0)
 
     sub = command("score", "generate test.json / new_test.json images and score them", label_files=True)
     sampling_flags(sub, steps=DEFAULT_NUM_INFERENCE_STEPS)
@@ -348,11 +372,16 @@ def parse_args(argv=None):
     sub.add_argument("--train_data_dir", required=True)
     sub.add_argument("--train_json", required=True)
     sub.add_argument("--output", required=True, help="where to save {'model': state_dict}")
-    sub.add_argument("--validation_fraction", type=float, default=0.1, help="scenes held out to measure accuracy")
+    sub.add_argument(
+        "--validation_fraction",
+        type=cli.number(0, 1, low_open=True, high_open=True),
+        default=0.1,
+        help="scenes held out to measure accuracy",
+    )
     sub.add_argument("--num_epochs", type=cli.positive_int, default=40, help="ResNet18 from scratch needs many steps")
     sub.add_argument("--train_batch_size", type=cli.positive_int, default=64)
-    sub.add_argument("--learning_rate", type=float, default=2e-3)
-    sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("--learning_rate", type=cli.positive_float, default=2e-3)
+    sub.add_argument("--seed", type=cli.seed, default=0)
 
     sub = command("denoise", "draw the denoising process of one label set")
     sampling_flags(sub, steps=1000)

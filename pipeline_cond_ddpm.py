@@ -8,10 +8,11 @@ project is not installed. It therefore imports nothing but torch, diffusers and 
 import difflib
 import inspect
 import json
+import math
 import operator
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -67,10 +68,15 @@ def multi_hot(labels, class_names: Sequence[str]) -> torch.Tensor:
     set is the unconditional "null" label), or a multi-hot tensor or array of shape (B, C) holding only 0 and 1.
     """
     num_classes = len(class_names)
-    if isinstance(labels, (str, bytes)) or not hasattr(labels, "__len__") or len(labels) == 0:
+    if isinstance(labels, (str, bytes, Mapping)) or not hasattr(labels, "__len__") or len(labels) == 0:
         raise ValueError(f"labels must be a non-empty batch of label sets, got {labels!r}")
     if not isinstance(labels, (list, tuple)):
-        tensor = torch.as_tensor(labels, dtype=torch.float32)
+        try:
+            tensor = torch.as_tensor(labels, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(
+                f"labels must be a list of label sets or a multi-hot array, got {type(labels).__name__}"
+            ) from None
         if tensor.ndim != 2 or tensor.shape[1] != num_classes:
             raise ValueError(
                 f"a multi-hot label tensor must have shape (batch, {num_classes}), got {tuple(tensor.shape)}"
@@ -239,17 +245,26 @@ class CondDDPMPipeline(DiffusionPipeline):
     def class_names(self) -> list[str]:
         return list(self.label_embedding.config.class_names)
 
-    def check_inputs(self, labels, num_inference_steps, guidance_scale, output_type) -> torch.Tensor:
-        """Validate the call's arguments and return the labels as a multi-hot tensor."""
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+    def check_inputs(self, labels, num_inference_steps, guidance_scale, generator, output_type):
+        """Validate the call's arguments; return the labels as a multi-hot tensor and the step count as an int."""
+        try:  # Python, numpy and 0-d torch integers; not bools, which would quietly mean one step
+            steps = operator.index(num_inference_steps) if not isinstance(num_inference_steps, bool) else None
+        except TypeError:
+            steps = None
+        if steps is None or steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-        if not isinstance(guidance_scale, (int, float)) or not guidance_scale >= 0:
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+            guidance_scale = None
+        if guidance_scale is None or not (math.isfinite(guidance_scale) and guidance_scale >= 0):
             raise ValueError(
-                f"guidance_scale must be a number >= 0 (1 or less turns guidance off), got {guidance_scale!r}"
+                f"guidance_scale must be a finite number >= 0 (1 or less turns guidance off), got {guidance_scale!r}"
             )
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-        return multi_hot(labels, self.class_names)
+        encoded = multi_hot(labels, self.class_names)
+        if isinstance(generator, list) and len(generator) != len(encoded):
+            raise ValueError(f"got {len(generator)} generators for {len(encoded)} images; give one per image, or one")
+        return encoded, steps
 
     @torch.no_grad()
     def __call__(
@@ -301,7 +316,10 @@ class CondDDPMPipeline(DiffusionPipeline):
         Returns:
             [`~pipelines.ImagePipelineOutput`] or `tuple`: the generated images.
         """
-        labels = self.check_inputs(labels, num_inference_steps, guidance_scale, output_type).to(self.device)
+        labels, num_inference_steps = self.check_inputs(
+            labels, num_inference_steps, guidance_scale, generator, output_type
+        )
+        labels = labels.to(self.device)
         do_guidance = guidance_scale > 1
         if do_guidance:  # conditional and unconditional passes run as one batch
             labels = torch.cat([labels, torch.zeros_like(labels)])
@@ -374,7 +392,7 @@ class CondDDPMPipeline(DiffusionPipeline):
         # from model_index.json, that is, from the repository's remote code.
         if not os.path.isdir(pretrained_model_name_or_path):
             hub_kwargs = {k: kwargs.pop(k) for k in _HUB_DOWNLOAD_KWARGS if k in kwargs}
-            pretrained_model_name_or_path = snapshot_download(pretrained_model_name_or_path, **hub_kwargs)
+            pretrained_model_name_or_path = _download(str(pretrained_model_name_or_path), hub_kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
@@ -395,3 +413,18 @@ class CondDDPMPipeline(DiffusionPipeline):
 REMOTE_PIPELINE_MODULE = "pipeline_cond_ddpm"
 REMOTE_LABEL_EMBEDDING_MODULE = "label_embedding"
 _HUB_DOWNLOAD_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision")
+
+
+def _download(name: str, hub_kwargs: dict) -> str:
+    """The local snapshot of the Hub repository `name`; a mistyped local path is named as such, not sent to the Hub."""
+    path = Path(name).expanduser()
+    parent = path.parent
+    looks_local = path.is_absolute() or name.startswith((".", "~")) or len(path.parts) > 2 or path.exists()
+    if looks_local or (parent != Path(".") and parent.is_dir()):
+        raise FileNotFoundError(
+            f"{name} is not a folder: give a saved pipeline folder, or a Hub repository 'owner/name'"
+        )
+    try:
+        return snapshot_download(name, **hub_kwargs)
+    except (ValueError, OSError) as error:  # an invalid repository id, no network, no such repository
+        raise OSError(f"cannot load {name!r} from the Hugging Face Hub: {str(error).splitlines()[0]}") from None

@@ -11,6 +11,7 @@ tracker logs in `logs/`.
 """
 
 import argparse
+import errno
 import json
 import logging
 import math
@@ -18,7 +19,7 @@ import os
 import shutil
 import signal
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -26,15 +27,23 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, load, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
+from safetensors.torch import load_file
 from torch import nn
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from cond_ddpm import cli, hub
-from cond_ddpm.atomic_io import INCOMPLETE_PREFIX, atomic_write_text, staged_contents, staged_directory
+from cond_ddpm.atomic_io import (
+    INCOMPLETE_PREFIX,
+    LOCK_NAME,
+    atomic_write_text,
+    claim_folder,
+    staged_contents,
+    staged_directory,
+)
 from cond_ddpm.data import (
     NEW_TEST_JSON,
     OBJECTS_JSON,
@@ -127,13 +136,19 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, training_state: di
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(staging)
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(staging)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            # Written last: its presence is what marks a checkpoint finished (see `find_checkpoints`).
+            atomic_write_text(
+                staging / "training_state.json", json.dumps({**training_state, "global_step": step}, indent=2)
+            )
+    except Exception as error:
+        if accelerator.is_main_process:
+            raise failed_save(error, staging, final) from error
+        raise
     if accelerator.is_main_process:
-        # Written last: its presence is what marks a checkpoint finished (see `find_checkpoints`).
-        atomic_write_text(
-            staging / "training_state.json", json.dumps({**training_state, "global_step": step}, indent=2)
-        )
         if final.exists():
             shutil.rmtree(final)
         staging.replace(final)
@@ -142,6 +157,30 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, training_state: di
                 shutil.rmtree(old)
         logger.info(f"saved checkpoint {final}")
     accelerator.wait_for_everyone()
+
+
+def folder_size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def failed_save(error: Exception, staging: Path, final: Path) -> Exception:
+    """Remove the partial checkpoint of a failed save, and say what a full disk needs in one line.
+
+    Libraries report a full disk in many ways (OSError ENOSPC, safetensors' SafetensorError, torch's
+    `basic_ios::clear`), so the free space decides too: less than the rest of the checkpoint means a full disk.
+    """
+    written, free = folder_size(staging), shutil.disk_usage(final.parent).free
+    shutil.rmtree(staging, ignore_errors=True)
+    whole = find_checkpoints(final.parent)
+    needed = max(written, folder_size(whole[-1]) if whole else 0)
+    codes = {getattr(e, "errno", None) for e in (error, error.__cause__, error.__context__)}
+    if not (codes & {errno.ENOSPC, errno.EDQUOT} or "No space left" in str(error) or free < needed - written):
+        return error
+    return OSError(
+        f"the disk of {final.parent} is full: {final.name} needs about {needed:,} bytes and {free:,} are free."
+        f" Its partial copy is removed; the last whole checkpoint is {whole[-1] if whole else 'none'}. Free some"
+        " space, then continue with --resume_from_checkpoint latest"
+    )
 
 
 def check_finite(loss: float, step: int, output_dir: Path, verified_step: int):
@@ -154,6 +193,68 @@ def check_finite(loss: float, step: int, output_dir: Path, verified_step: int):
             f" {last[-1] if last else 'none (none was saved yet)'}. Resume from it with a lower --learning_rate,"
             " or with --mixed_precision no"
         )
+
+
+def clear_earlier_run(output_dir: Path):
+    """For --overwrite_output_dir: remove the earlier run's checkpoints (whole or not) and best pipeline before this
+    run writes, or `--resume_from_checkpoint latest` would later continue the earlier run."""
+    for old in [*output_dir.glob("checkpoint-*"), *output_dir.glob(f"{INCOMPLETE_PREFIX}*"), output_dir / "best"]:
+        if old.is_dir():
+            shutil.rmtree(old)
+        elif old.exists():
+            old.unlink()
+
+
+def checkpoint_damage(checkpoint: Path) -> str | None:
+    """What makes `checkpoint` unfit to resume exactly (a missing or unreadable file, named), or None if it is whole.
+
+    Accelerate itself resumes without random states after an INFO line, and fails with a traceback on others."""
+    state_file = checkpoint / "training_state.json"
+    if not state_file.is_file():
+        return f"it has no {state_file.name}, so it is incomplete"
+    try:
+        state = json.loads(state_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return f"{state_file} is not valid JSON ({error})"
+    if not isinstance(state, dict) or type(state.get("global_step")) is not int:
+        return f"{state_file} has no global_step"
+    required = ["model_index.json", "optimizer.bin", "scheduler.bin"]
+    required += [f"random_states_{i}.pkl" for i in range(state.get("num_processes", 1))]
+    missing = [name for name in required if not (checkpoint / name).is_file()]
+    if missing:
+        return f"{checkpoint / missing[0]} is missing"
+    readers = {
+        ".safetensors": load_file,
+        ".bin": load,
+        ".pkl": load,
+        ".json": lambda path: json.loads(path.read_text()),
+    }
+    for path in sorted(checkpoint.rglob("*")):
+        if path.suffix in readers and path.is_file():
+            try:
+                readers[path.suffix](path)
+            except Exception as error:  # each format fails in its own way on a truncated or overwritten file
+                return f"{path} is damaged ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+    return None
+
+
+def checkpoint_to_resume(choice: str, output_dir: Path) -> Path | None:
+    """The checkpoint --resume_from_checkpoint names, refused if damaged; for `latest`, the newest whole one in
+    `output_dir` (damaged ones passed over with a warning), or None when there is none yet."""
+    if choice != "latest":
+        damage = checkpoint_damage(Path(choice))
+        if damage:
+            raise ValueError(f"cannot resume from {choice}: {damage}")
+        return Path(choice)
+    found = find_checkpoints(output_dir)
+    for checkpoint in reversed(found):
+        damage = checkpoint_damage(checkpoint)
+        if damage is None:
+            return checkpoint
+        logger.warning(f"skipping {checkpoint}: {damage}; trying the one before it", main_process_only=True)
+    if found:
+        raise ValueError(f"every checkpoint in {output_dir} is damaged (see the warnings); resume from none of them")
+    return None
 
 
 def shown_setting(key: str, value) -> str:
@@ -187,8 +288,13 @@ def build_pipeline(accelerator, denoiser, noise_scheduler) -> CondDDPMPipeline:
     return CondDDPMPipeline(unet=model.unet, label_embedding=model.label_embedding, scheduler=noise_scheduler)
 
 
+class StopRequested(Exception):
+    """Raised inside validation sampling when a stop was requested, to abandon the samples."""
+
+
 class StopRequest:
-    """Turns SIGTERM / SIGINT (a pre-empted job, Ctrl-C) into a flag the loop checks at each step boundary."""
+    """Turns SIGTERM / SIGINT (a pre-empted job, Ctrl-C) into a flag the loop checks at each step boundary, and that
+    ends validation sampling at its next step. A second signal is not caught: it stops the run at once."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -198,6 +304,12 @@ class StopRequest:
 
     def handle(self, signum, frame):
         self.received = signal.Signals(signum).name
+        self.restore()
+
+    def check_during_sampling(self, pipeline, step, timestep, tensors):
+        """A pipeline's `callback_on_step_end`: sampling a validation grid takes minutes with 1000 DDPM steps."""
+        if self.received is not None:
+            raise StopRequested(self.received)
 
     def now(self, accelerator, sync_point: bool) -> bool:
         """Whether to stop at this step. All processes must stop at the same step, so with several they agree
@@ -340,16 +452,10 @@ def resume(args, accelerator, output_dir: Path, training_state: dict) -> int:
     (0 when there is none to resume)."""
     if not args.resume_from_checkpoint:
         return 0
-    if args.resume_from_checkpoint == "latest":
-        checkpoints = find_checkpoints(output_dir)
-    else:
-        checkpoints = [Path(args.resume_from_checkpoint)]
-    if not checkpoints:
+    checkpoint = checkpoint_to_resume(args.resume_from_checkpoint, output_dir)
+    if checkpoint is None:
         logger.warning(f"no finished checkpoint in {output_dir}; starting a new run", main_process_only=True)
         return 0
-    checkpoint = checkpoints[-1]
-    if not (checkpoint / "training_state.json").is_file():
-        raise ValueError(f"{checkpoint} is not a finished checkpoint (it has no training_state.json)")
     step = check_resumable(checkpoint, training_state)
     accelerator.load_state(str(checkpoint))
     logger.info(f"resumed from {checkpoint} at step {step}", main_process_only=True)
@@ -472,13 +578,19 @@ def ema_weights(accelerator, denoiser, emas):
             ema.restore(getattr(model, name).parameters())
 
 
-def sample(args, pipeline, label_sets) -> torch.Tensor:
+def sample(args, pipeline, label_sets, callback_on_step_end=None) -> torch.Tensor:
     """8-bit images of `label_sets` with the sampler, steps and guidance of the validation flags."""
     sampler = CondDDPMPipeline(pipeline.unet, pipeline.label_embedding, pipeline.scheduler)
     set_scheduler(sampler, args.validation_scheduler)
     sampler.set_progress_bar_config(disable=True)
     return generate(
-        sampler, label_sets, args.ddpm_num_inference_steps, args.guidance_scale, args.seed, args.eval_batch_size
+        sampler,
+        label_sets,
+        args.ddpm_num_inference_steps,
+        args.guidance_scale,
+        args.seed,
+        args.eval_batch_size,
+        callback_on_step_end,
     )
 
 
@@ -499,10 +611,10 @@ def record_validation(args, accelerator, images, labels, evaluator, epoch, step)
     return accuracy
 
 
-def validate(args, accelerator, pipeline, validation_labels, evaluator, epoch, step, best_accuracy) -> float:
+def validate(args, accelerator, pipeline, validation_labels, evaluator, epoch, step, best_accuracy, stop) -> float:
     """Samples of the held-out validation labels, and their accuracy if an evaluator is given: a new best saves the
-    pipeline to `best/`. Returns the best accuracy so far."""
-    images = sample(args, pipeline, validation_labels)
+    pipeline to `best/`. Returns the best accuracy so far. A stop request ends the sampling (`StopRequested`)."""
+    images = sample(args, pipeline, validation_labels, stop.check_during_sampling)
     labels = multi_hot(validation_labels, pipeline.class_names)
     accuracy = record_validation(args, accelerator, images, labels, evaluator, epoch, step)
     if accuracy is None or accuracy <= best_accuracy:
@@ -552,6 +664,11 @@ def save_final(args, accelerator, pipeline, evaluator, global_step: int):
 
 
 def main(args):
+    with ExitStack() as held:  # what the run holds until it ends, however it ends: its output folder's lock
+        return train(args, held)
+
+
+def train(args, held: ExitStack):
     # Set-up: processes, seed, logging.
     output_dir = Path(args.output_dir)
     accelerator = make_accelerator(args, output_dir)
@@ -562,7 +679,9 @@ def main(args):
     if accelerator.is_main_process:
         if args.push_to_hub:  # fail now, not after hours of training
             hub.check_access(args.hub_model_id or output_dir.name, args.hub_token)
-        output_dir.mkdir(parents=True, exist_ok=True)
+        held.enter_context(claim_folder(output_dir))  # before anything is written, so a second run writes nothing
+        if args.overwrite_output_dir:
+            clear_earlier_run(output_dir)
 
     # Data. The main process renders or checks it first; the others then read the finished result.
     with accelerator.main_process_first():
@@ -586,6 +705,7 @@ def main(args):
         "ddpm_num_steps": args.ddpm_num_steps,
         "ddpm_beta_schedule": args.ddpm_beta_schedule,
         "samples_per_step": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
+        "num_processes": accelerator.num_processes,  # each saves its random states: a resume needs them all
     }
     register_checkpoint_hooks(accelerator, noise_scheduler, emas)
 
@@ -626,6 +746,7 @@ def main(args):
         main_process_only=True,
     )
     stop = StopRequest()
+    held.callback(stop.restore)  # a run that fails must not leave its handlers behind (in-process callers)
     progress = tqdm(
         range(max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process, desc="steps"
     )
@@ -660,11 +781,22 @@ def main(args):
 
         last_epoch = epoch == num_epochs - 1 or global_step >= max_train_steps
         if accelerator.is_main_process and ((epoch + 1) % args.save_images_epochs == 0 or last_epoch):
-            with ema_weights(accelerator, denoiser, emas):
-                pipeline = build_pipeline(accelerator, denoiser, noise_scheduler)
-                best_accuracy = validate(
-                    args, accelerator, pipeline, validation_labels, evaluator, epoch, global_step, best_accuracy
-                )
+            try:
+                with ema_weights(accelerator, denoiser, emas):
+                    pipeline = build_pipeline(accelerator, denoiser, noise_scheduler)
+                    best_accuracy = validate(
+                        args,
+                        accelerator,
+                        pipeline,
+                        validation_labels,
+                        evaluator,
+                        epoch,
+                        global_step,
+                        best_accuracy,
+                        stop,
+                    )
+            except StopRequested:  # the next step boundary saves a checkpoint and stops
+                logger.info("stop requested: validation samples abandoned")
         accelerator.wait_for_everyone()
         if global_step >= max_train_steps:
             break
@@ -675,9 +807,8 @@ def main(args):
         check_replicas_agree(accelerator, denoiser)
     if accelerator.is_main_process:
         with ema_weights(accelerator, denoiser, emas):
-            save_final(
-                args, accelerator, build_pipeline(accelerator, denoiser, noise_scheduler), evaluator, global_step
-            )
+            scorer = evaluator if stop.received is None else None  # a stop request skips the final scores
+            save_final(args, accelerator, build_pipeline(accelerator, denoiser, noise_scheduler), scorer, global_step)
     progress.close()
     accelerator.end_training()
     return output_dir
@@ -687,7 +818,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--recipe",
         choices=sorted(RECIPES),
@@ -702,7 +833,7 @@ def parse_args(argv=None):
     data.add_argument("--image_column", default="image")
     data.add_argument("--label_column", default="objects", help="per image: a list of object names or ClassLabels")
     data.add_argument("--synthetic_scenes", type=cli.positive_int, help="size of the built-in set (3 images each)")
-    data.add_argument("--resolution", type=cli.positive_int)
+    data.add_argument("--resolution", type=cli.resolution)
     data.add_argument(
         "--random_flip",
         action=argparse.BooleanOptionalAction,
@@ -715,7 +846,7 @@ def parse_args(argv=None):
         help="show each image with two objects of one colour this many times per epoch (1: once, as every other"
         " image); new_test.json is mostly such pairs, train.json 11%%",
     )
-    data.add_argument("--dataloader_num_workers", type=cli.non_negative_int)
+    data.add_argument("--dataloader_num_workers", type=cli.integer(0, 256))
 
     model = parser.add_argument_group("model")
     model.add_argument("--preset", choices=sorted(PRESETS))
@@ -739,20 +870,20 @@ def parse_args(argv=None):
         "--lr_scheduler", default="cosine", choices=["linear", "cosine", "constant", "constant_with_warmup"]
     )
     optim.add_argument("--lr_warmup_steps", type=cli.non_negative_int)
-    optim.add_argument("--adam_beta1", type=float, default=0.9)
-    optim.add_argument("--adam_beta2", type=float, default=0.999)
-    optim.add_argument("--adam_weight_decay", type=float, default=0.0)
-    optim.add_argument("--adam_epsilon", type=float, default=1e-8)
-    optim.add_argument("--max_grad_norm", type=float, default=1.0)
+    optim.add_argument("--adam_beta1", type=cli.probability, default=0.9)
+    optim.add_argument("--adam_beta2", type=cli.probability, default=0.999)
+    optim.add_argument("--adam_weight_decay", type=cli.non_negative_float, default=0.0)
+    optim.add_argument("--adam_epsilon", type=cli.positive_float, default=1e-8)
+    optim.add_argument("--max_grad_norm", type=cli.non_negative_float, default=1.0, help="0 turns clipping off")
     optim.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True)
-    optim.add_argument("--ema_inv_gamma", type=float, default=1.0)
-    optim.add_argument("--ema_power", type=float, default=3 / 4)
-    optim.add_argument("--ema_max_decay", type=float, default=0.9999)
+    optim.add_argument("--ema_inv_gamma", type=cli.positive_float, default=1.0)
+    optim.add_argument("--ema_power", type=cli.positive_float, default=3 / 4)
+    optim.add_argument("--ema_max_decay", type=cli.number(0, 1), default=0.9999)
     optim.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"])
     optim.add_argument("--compile", action="store_true", help="torch.compile the model")
     optim.add_argument(
         "--seed",
-        type=int,
+        type=cli.seed,
         default=0,
         help="seeds the weights, noise and data order; without a dataset, also which built-in synthetic set is"
         " rendered",
@@ -776,7 +907,7 @@ def parse_args(argv=None):
         default=DEFAULT_NUM_INFERENCE_STEPS,
         help="sampling steps for samples",
     )
-    run.add_argument("--guidance_scale", type=cli.non_negative_float, default=DEFAULT_GUIDANCE_SCALE)
+    run.add_argument("--guidance_scale", type=cli.guidance_scale, default=DEFAULT_GUIDANCE_SCALE)
     run.add_argument("--evaluator_checkpoint", help="ResNet18 evaluator ({'model': state_dict}) for accuracy")
 
     hub_args = parser.add_argument_group("Hugging Face Hub")
@@ -803,10 +934,17 @@ def check_args(parser, args):
         parser.error(f"--resolution {args.resolution} must be a multiple of {2**levels} for the {args.preset!r} preset")
     if args.snr_gamma == 0:
         args.snr_gamma = None
+    if args.ddpm_num_inference_steps > args.ddpm_num_steps:
+        parser.error(
+            f"--ddpm_num_inference_steps {args.ddpm_num_inference_steps} exceeds the {args.ddpm_num_steps} steps of the"
+            " noise schedule (--ddpm_num_steps)"
+        )
+    if args.overwrite_output_dir and args.resume_from_checkpoint:
+        parser.error("--overwrite_output_dir removes the checkpoints that --resume_from_checkpoint would continue")
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         parser.error(f"--output_dir {output_dir} exists and is not a folder")
-    occupied = output_dir.is_dir() and any(p.name != "logs" for p in output_dir.iterdir())
+    occupied = output_dir.is_dir() and any(p.name not in ("logs", LOCK_NAME) for p in output_dir.iterdir())
     if occupied and not (args.overwrite_output_dir or args.resume_from_checkpoint):
         parser.error(
             f"--output_dir {output_dir} is not empty; pass --resume_from_checkpoint latest to continue its run,"

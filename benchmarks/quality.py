@@ -110,12 +110,12 @@ def rendered_references(
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="cpu", choices=sorted(RECIPES), help="a recipe of cond_ddpm/recipes.py")
     parser.add_argument("--quick", action="store_true", help="the tiny preset for 60 steps: checks every step")
     parser.add_argument(
         "--seed",
-        type=cli.non_negative_int,
+        type=cli.seed,
         default=0,
         help="training seed; another one reruns a recipe on the same data, to see how much of a difference is noise",
     )
@@ -127,7 +127,7 @@ def main():
     parser.add_argument("--output_dir", help="default: runs/quality-RECIPE")
     parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=sorted(SCHEDULERS))
     parser.add_argument("--num_inference_steps", type=cli.positive_int, default=DEFAULT_NUM_INFERENCE_STEPS)
-    parser.add_argument("--guidance_scale", type=cli.non_negative_float, default=DEFAULT_GUIDANCE_SCALE)
+    parser.add_argument("--guidance_scale", type=cli.guidance_scale, default=DEFAULT_GUIDANCE_SCALE)
     args = parser.parse_args()
     recipe = RECIPES[args.recipe]
     if recipe["mixed_precision"] != "no" and not (torch.cuda.is_available() or args.quick or args.score_only):

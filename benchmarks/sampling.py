@@ -19,6 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cond_ddpm import cli  # noqa: E402
 from cond_ddpm.atomic_io import atomic_write_text  # noqa: E402
 from cond_ddpm.data import NEW_TEST_JSON, TEST_JSON, read_label_sets, read_objects_json  # noqa: E402
 from evaluate_iclevr import evaluate, generate, load_evaluator, load_pipeline, set_scheduler  # noqa: E402
@@ -29,11 +30,11 @@ GUIDANCE_SCALES = [1.0, 2.0, 3.0, 5.0]
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", required=True)
     parser.add_argument("--evaluator_checkpoint", required=True)
     parser.add_argument(
-        "--seeds", type=int, nargs="+", default=[0], help="several seeds average out the 32-image noise"
+        "--seeds", type=cli.seed, nargs="+", default=[0], help="several seeds average out the 32-image noise"
     )
     parser.add_argument("--splits", nargs="+", default=["test", "new_test"], choices=["test", "new_test"])
     parser.add_argument("--quick", action="store_true")

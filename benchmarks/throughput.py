@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from launch import one_process_training_command  # noqa: E402
 
+from cond_ddpm import cli  # noqa: E402
 from cond_ddpm.atomic_io import atomic_write_text  # noqa: E402
 from cond_ddpm.data import read_objects_json  # noqa: E402
 from pipeline_cond_ddpm import CondDDPMPipeline  # noqa: E402
@@ -123,7 +124,7 @@ def training_script(preset, resolution, batch_size, steps, data_scenes, precisio
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--presets", nargs="+", choices=["tiny", "gpu"], default=["tiny", "gpu"])
     parser.add_argument("--output", default=None, help="also write the results as JSON here")

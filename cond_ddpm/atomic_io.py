@@ -3,13 +3,16 @@
 Everything is written beside its final place and renamed into it: a rename within one file system is atomic.
 """
 
+import fcntl
 import os
 import secrets
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 INCOMPLETE_PREFIX = ".incomplete-"  # staging names carry it, so readers can tell them from finished outputs
+LOCK_NAME = ".lock"  # the file a process holds locked while it owns a folder (see `claim_folder`)
 
 
 def _staging_name(final: Path, folder: Path | None = None) -> Path:
@@ -87,3 +90,29 @@ def atomic_write(path, write) -> Path:
 
 def atomic_write_text(path, text: str) -> Path:
     return atomic_write(path, lambda temporary: Path(temporary).write_text(text))
+
+
+def claim_folder(folder, flag: str = "--output_dir"):
+    """Make this process the only one writing into `folder` (created if need be) and return the open lock file;
+    closing it gives the folder up. Refuses a folder that another process holds, or that cannot be written.
+
+    The lock is `flock` on `folder/.lock`: the OS releases it when its process ends, however it ends, so a crashed
+    run never leaves its folder locked (the lock file itself stays, harmless).
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):  # the folder's permissions, not the lock file's, decide this
+            pass
+        lock = open(folder / LOCK_NAME, "a")  # held open until the folder is given up
+    except OSError as error:
+        raise PermissionError(f"{flag} {folder} is not writable: {error.strerror or error}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise BlockingIOError(
+            f"{flag} {folder} is in use by another run (which holds {folder / LOCK_NAME}); wait until it ends, or"
+            " choose another folder"
+        ) from None
+    return lock

@@ -1,14 +1,27 @@
 """What the command-line tools share: argument types that name the bad value, and errors printed as one line.
 
 A mistake a user can make (a bad value, a missing or malformed file) ends the program with `error: ...` and a
-non-zero exit code, never with a traceback from deep inside a library.
+non-zero exit code, never with a traceback from deep inside a library. Every numeric flag has a checked range, so a
+value that would crash a run hours later, or silently do something else, is refused before any work starts.
 """
 
 import argparse
 import math
 import sys
 
+import torch
+
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
+MAX_RESOLUTION = 1024  # a 64x64 model is trained here; 1024 already needs a UNet far beyond the presets
+MAX_GUIDANCE_SCALE = 100.0  # far past any useful guidance: beyond it the samples saturate to black or white
+MAX_SEED = 2**32 - 1  # numpy's generators take seeds below 2**32
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, except that a usage error prints its one-line message and a pointer to --help, not the usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n(see `{self.prog} --help` for every flag)\n")
 
 
 def _checked(convert, test, requirement):
@@ -25,12 +38,53 @@ def _checked(convert, test, requirement):
     return parse
 
 
-positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
-non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
-positive_float = _checked(float, lambda v: v > 0, "a positive number")
-non_negative_float = _checked(float, lambda v: v >= 0, "a number >= 0")
-finite_float = _checked(float, math.isfinite, "a finite number")
-probability = _checked(float, lambda v: 0 <= v < 1, "a probability in [0, 1)")
+def integer(low: int, high: int | None = None):
+    """An integer flag in [low, high] (no upper end without `high`)."""
+    if high is None:
+        return _checked(int, lambda v: v >= low, "a positive integer" if low == 1 else f"an integer >= {low}")
+    return _checked(int, lambda v: low <= v <= high, f"an integer from {low} to {high}")
+
+
+def number(low: float, high: float = math.inf, *, low_open=False, high_open=False, what="a number"):
+    """A finite float flag in the interval from `low` to `high`, each end open or closed."""
+
+    def inside(value):
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        return math.isfinite(value) and above and below
+
+    if high == math.inf:
+        requirement = (
+            "a positive number" if (low, low_open) == (0, True) else f"a number {'>' if low_open else '>='} {low:g}"
+        )
+    else:
+        requirement = f"{what} in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    return _checked(float, inside, requirement)
+
+
+positive_int = integer(1)
+non_negative_int = integer(0)
+positive_float = number(0, low_open=True)
+non_negative_float = number(0)
+probability = number(0, 1, high_open=True, what="a probability")
+resolution = integer(1, MAX_RESOLUTION)
+seed = integer(0, MAX_SEED)
+guidance_scale = number(0, MAX_GUIDANCE_SCALE)
+
+
+def device(text: str) -> str:
+    """A torch device that exists on this machine: `cpu`, `cuda`, `cuda:1`, `mps`."""
+    try:
+        parsed = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"must be a torch device such as cpu, cuda or cuda:0, got {text!r}") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r} asks for a GPU, and torch sees none on this machine; use cpu")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r} asks for Apple's MPS, which is not available here; use cpu")
+    return text
 
 
 def run(command, *args):

@@ -26,7 +26,7 @@ from PIL import Image as PILImage
 from PIL import ImageDraw
 from torchvision.transforms import v2
 
-from cond_ddpm import cli
+from cond_ddpm import cli, hub
 from cond_ddpm.atomic_io import atomic_write, staged_directory
 from cond_ddpm.render import RENDERER_VERSION, random_scene, render_scene
 from pipeline_cond_ddpm import multi_hot
@@ -208,6 +208,8 @@ def open_rgb(image) -> PILImage.Image:
         image = {"path": str(image), "bytes": None}
     try:
         with PILImage.open(io.BytesIO(image["bytes"]) if image["bytes"] else image["path"]) as img:
+            if img.mode.startswith("I"):  # 16-bit grey: convert("RGB") would clip every value above 255 to white
+                img = PILImage.fromarray((np.asarray(img, dtype=np.float64) / 257).round().astype(np.uint8))
             return img.convert("RGB")  # i-CLEVR's PNGs are RGBA with an opaque alpha
     except (OSError, SyntaxError, ValueError) as error:
         raise ValueError(f"cannot read image {image['path'] or '(embedded bytes)'}: {error}") from None
@@ -303,7 +305,10 @@ def default_synthetic_dataset(num_scenes: int, seed: int = 0) -> Path:
 def preview(dataset_dir, output, num_images: int = 12, columns: int = 3, tile: int = 256) -> Path:
     """Draw the first `num_images` images of an i-CLEVR-style folder with their labels, as one PNG."""
     dataset_dir = Path(dataset_dir)
-    entries = list(_read_json(dataset_dir / "train.json").items())[:num_images]
+    labels_by_file = _read_json(dataset_dir / "train.json")
+    if not isinstance(labels_by_file, dict):
+        raise ValueError(f"{dataset_dir / 'train.json'} must map image file names to lists of object names")
+    entries = list(labels_by_file.items())[:num_images]
     rows = -(-len(entries) // columns)
     height, line_height = tile * 3 // 4, 14  # the frames are 4:3; up to three caption lines under each
     sheet = PILImage.new("RGB", (columns * tile, rows * (height + 3 * line_height)), "white")
@@ -321,19 +326,25 @@ def push(dataset_dir, repo_id: str, private: bool = False, token: str | None = N
     """Publish an i-CLEVR-style folder as a `datasets` dataset (image + object labels) on the Hub."""
     dataset_dir = Path(dataset_dir)
     dataset = build_dataset(dataset_dir / "images", dataset_dir / "train.json", dataset_dir / "objects.json")
-    dataset.push_to_hub(repo_id, private=private, token=token)
+    try:
+        dataset.push_to_hub(repo_id, private=private, token=token)
+    except Exception as error:  # offline, no token, no write access: network, HTTP and Hub errors alike
+        raise OSError(
+            f"could not push {dataset_dir} to the Hub dataset {repo_id!r} ({hub.failure_reason(error, token)});"
+            " check the network, run `hf auth login` or pass --hub_token"
+        ) from None
     return dataset
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     render = commands.add_parser("synthesize", help="render a synthetic i-CLEVR folder")
     render.add_argument("--output_dir", required=True)
     render.add_argument(
         "--num_scenes", type=cli.positive_int, default=1000, help="each scene gives 3 images (1, 2, 3 objects)"
     )
-    render.add_argument("--seed", type=int, default=0)
+    render.add_argument("--seed", type=cli.seed, default=0)
     render.add_argument(
         "--num_workers", type=cli.positive_int, default=None, help="rendering processes (default: all cores)"
     )

@@ -10,8 +10,10 @@ from pathlib import Path
 from diffusers.utils.hub_utils import populate_model_card
 from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder, whoami
 
+from cond_ddpm.atomic_io import LOCK_NAME
+
 # A training run's folder also holds checkpoints, logs and per-epoch samples: none of that belongs on the Hub.
-IGNORE_PATTERNS = ["checkpoint-*", ".incomplete-*", "logs/*", "best/*", "samples/*"]
+IGNORE_PATTERNS = ["checkpoint-*", ".incomplete-*", LOCK_NAME, "logs/*", "best/*", "samples/*"]
 SAMPLE_GRID = "sample_grid.png"
 TAGS = ["cond-ddpm", "i-clevr", "class-conditional", "ddpm", "classifier-free-guidance"]
 # Settings that describe the run; the rest (paths, logging, Hub credentials) say nothing about the model.
@@ -91,14 +93,17 @@ def check_access(repo_id: str, token: str | None) -> str:
     try:
         user = whoami(token=token)["name"]
     except Exception as error:  # offline, no token, revoked token: all end the same way
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        if token:
-            reason = reason.replace(token, "***")
         raise ValueError(
             f"--push_to_hub {repo_id!r} needs the Hugging Face Hub and a token with write access, and the check"
-            f" failed ({reason}); run `hf auth login`, pass --hub_token, or drop --push_to_hub"
+            f" failed ({failure_reason(error, token)}); run `hf auth login`, pass --hub_token, or drop --push_to_hub"
         ) from None
     return user
+
+
+def failure_reason(error: Exception, token: str | None) -> str:
+    """The first line of a Hub client's error (httpx, HTTP and Hub errors alike), never showing the token."""
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return reason.replace(token, "***") if token else reason
 
 
 def write_model_card(folder, pipeline, settings: dict, metrics: dict, sample_grid, steps: int, location: str):

@@ -284,14 +284,39 @@ def test_bad_labels_are_refused_clearly(tiny_pipeline, labels, message):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"guidance_scale": -1.0}, "guidance_scale must be a number >= 0"),
+        ({"guidance_scale": -1.0}, "guidance_scale must be a finite number >= 0"),
+        ({"guidance_scale": float("inf")}, "guidance_scale must be a finite number >= 0 .*got inf"),
+        ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number >= 0 .*got nan"),
         ({"num_inference_steps": 0}, "num_inference_steps must be a positive integer, got 0"),
+        ({"num_inference_steps": True}, "num_inference_steps must be a positive integer, got True"),
         ({"output_type": "jpg"}, "output_type must be one of pil, np, pt, got 'jpg'"),
+        ({"generator": [torch.Generator()]}, "got 1 generators for 2 images; give one per image, or one"),
     ],
+    ids=["negative-guidance", "inf-guidance", "nan-guidance", "zero-steps", "bool-steps", "output", "generators"],
 )
 def test_bad_call_arguments_are_refused_clearly(tiny_pipeline, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        tiny_pipeline([["red cube"]], **{"num_inference_steps": 1, **kwargs})
+        tiny_pipeline([["red cube"], ["blue sphere"]], **{"num_inference_steps": 1, **kwargs})
+
+
+def test_numpy_and_torch_integers_are_step_counts(tiny_pipeline):
+    for steps in (np.int64(2), torch.tensor(2)):
+        images = tiny_pipeline([["red cube"]], num_inference_steps=steps, output_type="pt").images
+        assert images.shape == (1, 3, 16, 16)
+
+
+def test_labels_given_as_a_dict_are_refused_clearly(tiny_pipeline):
+    with pytest.raises(ValueError, match="labels must be a non-empty batch of label sets, got {'red cube': 1}"):
+        tiny_pipeline({"red cube": 1}, num_inference_steps=1)
+
+
+@pytest.mark.parametrize("path", ["ABSOLUTE", "runs/tny", "./tny"])
+def test_a_mistyped_local_path_is_named_as_one_not_sent_to_the_hub(tmp_path, monkeypatch, path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    path = str(tmp_path / "tny") if path == "ABSOLUTE" else path
+    with pytest.raises(FileNotFoundError, match=f"^{path} is not a folder: give a saved pipeline folder"):
+        CondDDPMPipeline.from_pretrained(path)
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,8 @@
 """Training survives faults, inputs are checked at the boundary, and nothing already written is lost."""
 
+import errno
+import fcntl
+import importlib
 import json
 import logging
 import os
@@ -11,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -152,9 +156,10 @@ def test_a_failed_checkpoint_save_leaves_the_previous_one_whole(tmp_path):
     state = {"preset": "tiny"}
     save_checkpoint(TinyAccelerator(fail=False), tmp_path, 5, state, total_limit=None)
     before = {p.name: p.read_bytes() for p in (tmp_path / "checkpoint-5").iterdir()}
-    with pytest.raises(FullDisk):
+    with pytest.raises(OSError, match=f"the disk of {tmp_path} is full: checkpoint-10 needs about"):
         save_checkpoint(TinyAccelerator(fail=True), tmp_path, 10, state, total_limit=1)
     assert not (tmp_path / "checkpoint-10").exists()
+    assert not (tmp_path / ".incomplete-checkpoint-10").exists()
     assert {p.name: p.read_bytes() for p in (tmp_path / "checkpoint-5").iterdir()} == before
     assert [p.name for p in find_checkpoints(tmp_path)] == ["checkpoint-5"]
 
@@ -362,7 +367,7 @@ TRAIN_BASE = [
 SWEEP = [
     # (command, arguments (TMP = a fresh folder, DATA:kind = a broken data folder), expected message)
     ("train", ["--preset", "gpu", "--resolution", "60"], "--resolution 60 must be a multiple of 8"),
-    ("train", ["--resolution", "-32"], "argument --resolution: must be a positive integer, got '-32'"),
+    ("train", ["--resolution", "-32"], "argument --resolution: must be an integer from 1 to 1024, got '-32'"),
     ("train", ["--learning_rate", "0"], "argument --learning_rate: must be a positive number, got '0'"),
     ("train", ["--train_batch_size", "two"], "argument --train_batch_size: must be a positive integer, got 'two'"),
     (
@@ -370,9 +375,23 @@ SWEEP = [
         ["--condition_dropout", "1.5"],
         r"argument --condition_dropout: must be a probability in \[0, 1\), got '1.5'",
     ),
-    ("train", ["--guidance_scale", "-1"], "argument --guidance_scale: must be a number >= 0, got '-1'"),
+    ("train", ["--guidance_scale", "-1"], r"argument --guidance_scale: must be a number in \[0, 100\], got '-1'"),
     ("train", ["--same_colour_repeats", "0"], "argument --same_colour_repeats: must be a positive integer, got '0'"),
     ("train", ["--preset", "giant"], "argument --preset: invalid choice: 'giant'"),
+    ("train", ["--max_grad_norm", "-1"], "argument --max_grad_norm: must be a number >= 0, got '-1'"),
+    ("train", ["--ema_inv_gamma", "0"], "argument --ema_inv_gamma: must be a positive number, got '0'"),
+    ("train", ["--guidance_scale", "inf"], r"argument --guidance_scale: must be a number in \[0, 100\], got 'inf'"),
+    ("train", ["--resolution", "100000"], "argument --resolution: must be an integer from 1 to 1024, got '100000'"),
+    ("train", ["--learning_rate", "inf"], "argument --learning_rate: must be a positive number, got 'inf'"),
+    ("train", ["--adam_beta2", "1"], r"argument --adam_beta2: must be a probability in \[0, 1\), got '1'"),
+    ("train", ["--ema_max_decay", "1.5"], r"argument --ema_max_decay: must be a number in \[0, 1\], got '1.5'"),
+    ("train", ["--seed", "-1"], "argument --seed: must be an integer from 0 to 4294967295, got '-1'"),
+    ("train", ["--ddpm_num_inference_steps", "2000"], "exceeds the 1000 steps of the noise schedule"),
+    (
+        "train",
+        ["--overwrite_output_dir", "--resume_from_checkpoint", "latest"],
+        "--overwrite_output_dir removes the checkpoints that --resume_from_checkpoint would continue",
+    ),
     ("train", ["--train_data_dir", "somewhere"], "--train_data_dir and --train_json go together"),
     ("train", ["--output_dir", "NONEMPTY"], "is not empty; pass --resume_from_checkpoint latest"),
     ("train", ["--resume_from_checkpoint", "no/such/checkpoint"], "is neither a folder nor 'latest'"),
@@ -388,6 +407,8 @@ SWEEP = [
         "argument --num_scenes: must be a positive integer, got '0'",
     ),
     ("data", ["synthesize", "--output_dir", "NONEMPTY", "--num_scenes", "1"], "already exists and is not empty"),
+    ("data", ["synthesize", "--output_dir", "TMP", "--seed", "-1"], "argument --seed: must be an integer from 0"),
+    ("data", ["preview", "--dataset_dir", "LISTED", "--output", "TMP/p.png"], "must map image file names to lists"),
     (
         "data",
         ["push", "--dataset_dir", "no/such/folder", "--repo_id", "me/x"],
@@ -455,6 +476,31 @@ SWEEP = [
     ),
     (
         "evaluate",
+        [
+            "denoise",
+            "--pipeline",
+            "PIPELINE",
+            "--labels",
+            "red cube",
+            "--output",
+            "TMP/d.png",
+            "--guidance_scale",
+            "inf",
+        ],
+        r"argument --guidance_scale: must be a number in \[0, 100\], got 'inf'",
+    ),
+    (
+        "evaluate",
+        ["rescore", "--output_dir", "TMP", "--evaluator_checkpoint", "CHECKPOINT", "--device", "bogus"],
+        "argument --device: must be a torch device such as cpu, cuda or cuda:0, got 'bogus'",
+    ),
+    (
+        "evaluate",
+        ["rescore", "--output_dir", "TMP", "--evaluator_checkpoint", "CHECKPOINT", "--device", "cuda:7"],
+        r"argument --device: 'cuda:7'( asks for a GPU|: this machine has \d+ GPU)",
+    ),
+    (
+        "evaluate",
         ["rescore", "--output_dir", "TMP", "--evaluator_checkpoint", "CHECKPOINT"],
         r"32 image\(s\) missing in .*test",
     ),
@@ -477,8 +523,11 @@ def test_bad_input_sweep(
     (tmp_path / "swapped.json").write_text(json.dumps(objects))
     (tmp_path / "unknown.json").write_text(json.dumps([["red cone"]]))
     torch.save({"weights": {}}, tmp_path / "bad.pth")
+    (tmp_path / "listed").mkdir()
+    (tmp_path / "listed" / "train.json").write_text(json.dumps([["red cube"]]))
     places = {
         "TMP": str(tmp_path),
+        "LISTED": str(tmp_path / "listed"),
         "NONEMPTY": str(tmp_path / "nonempty"),
         "PIPELINE": str(tiny_pipeline_dir),
         "CHECKPOINT": str(evaluator_checkpoint),
@@ -493,7 +542,7 @@ def test_bad_input_sweep(
         else:
             resolved.append(
                 re.sub(
-                    r"^(TMP|NONEMPTY|PIPELINE|CHECKPOINT|BAD_CHECKPOINT|SWAPPED_VOCABULARY|UNKNOWN_LABELS)",
+                    r"^(TMP|LISTED|NONEMPTY|PIPELINE|CHECKPOINT|BAD_CHECKPOINT|SWAPPED_VOCABULARY|UNKNOWN_LABELS)",
                     lambda m: places[m.group(1)],
                     arg,
                 )
@@ -524,3 +573,245 @@ def test_the_real_entry_points_print_one_line_not_a_traceback(tmp_path, evaluato
     ):
         result = run_python(*command)
         assert result.returncode != 0 and "error: " in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+# --- One run per output folder, full disks, stops during sampling, damaged checkpoints ------------------------------
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_and_writes_nothing(tmp_path, synthetic_dir):
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    with open(output_dir / ".lock", "a") as held:  # as the run that owns the folder holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(SystemExit, match=f"--output_dir {output_dir} is in use by another run"):
+            train_main(training_args(output_dir, synthetic_dir, "--max_train_steps", 2, "--checkpointing_steps", 1))
+        assert [p.name for p in output_dir.iterdir()] == [".lock"]
+    # The lock went with its holder: the folder is free again.
+    train_main(training_args(output_dir, synthetic_dir, "--max_train_steps", 1))
+    assert (output_dir / "model_index.json").is_file()
+
+
+def test_overwriting_an_output_dir_removes_the_earlier_runs_checkpoints(tiny_checkpoint, synthetic_dir, tmp_path):
+    output_dir = tmp_path / "run"
+    shutil.copytree(tiny_checkpoint, output_dir)
+    (output_dir / ".incomplete-checkpoint-9").mkdir()
+    train_main(training_args(output_dir, synthetic_dir, "--max_train_steps", 1, "--overwrite_output_dir"))
+    assert sorted(p.name for p in output_dir.glob("*checkpoint-*")) == []
+    assert (output_dir / "model_index.json").is_file()
+
+
+def storage_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def safetensors_storage_full(*args, **kwargs):
+    from safetensors import SafetensorError
+
+    raise SafetensorError(
+        'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+    )
+
+
+@pytest.mark.parametrize(
+    "writer, fault", [("torch.save", storage_full), ("safetensors.torch.save_file", safetensors_storage_full)]
+)
+def test_a_full_disk_removes_the_partial_checkpoint_and_says_what_it_needs(
+    tmp_path, synthetic_dir, monkeypatch, writer, fault
+):
+    output_dir = tmp_path / "run"
+    module, name = writer.rsplit(".", 1)
+    real_write = getattr(importlib.import_module(module), name)
+
+    def write(obj, path, *args, **kwargs):
+        if "checkpoint-4" in str(path):
+            Path(path).write_bytes(b"half")  # what a full disk leaves: the start of the file
+            fault()
+        return real_write(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(f"{module}.{name}", write)
+    with pytest.raises(SystemExit) as stopped:
+        train_main(training_args(output_dir, synthetic_dir, "--max_train_steps", 6, "--checkpointing_steps", 2))
+    message = str(stopped.value.code)
+    assert re.fullmatch(
+        rf"error: the disk of {output_dir} is full: checkpoint-4 needs about [\d,]+ bytes and [\d,]+ are free\."
+        rf" Its partial copy is removed; the last whole checkpoint is {output_dir / 'checkpoint-2'}\. .*",
+        message,
+    ), message
+    assert sorted(p.name for p in output_dir.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]
+    assert train_conditional_ddpm.checkpoint_damage(output_dir / "checkpoint-2") is None
+
+
+def stop_during_validation(monkeypatch, signals):
+    """Send `signals` to this process at the third UNet call of validation sampling; return the count of calls."""
+    from diffusers import UNet2DModel
+
+    real_forward, calls = UNet2DModel.forward, []
+
+    def forward(self, *args, **kwargs):
+        if not torch.is_grad_enabled():  # sampling, not training
+            calls.append(1)
+            if len(calls) == 3:
+                for sig in signals:
+                    os.kill(os.getpid(), sig)
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DModel, "forward", forward)
+    return calls
+
+
+# Four steps per epoch (18 images, batches of 4); sampling the first epoch's grid takes 1000 UNet calls.
+LONG_VALIDATION = ["--max_train_steps", 8, "--same_colour_repeats", 1, "--save_images_epochs", 1]
+LONG_VALIDATION += ["--validation_scheduler", "ddpm"]
+LONG_VALIDATION += ["--ddpm_num_inference_steps", 1000, "--checkpointing_steps", 1000]
+
+
+def test_a_stop_during_validation_sampling_ends_it_and_saves_a_checkpoint(tmp_path, synthetic_dir, monkeypatch):
+    calls = stop_during_validation(monkeypatch, [signal.SIGINT])
+    assert (
+        train_conditional_ddpm.main(parse_args(training_args(tmp_path / "run", synthetic_dir, *LONG_VALIDATION)))
+        is None
+    )
+    assert len(calls) == 3, "sampling went on after the stop request"
+    assert [p.name for p in find_checkpoints(tmp_path / "run")] == ["checkpoint-5"]
+    assert not (tmp_path / "run" / "model_index.json").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_second_signal_stops_at_once(tmp_path, synthetic_dir, monkeypatch):
+    calls = stop_during_validation(monkeypatch, [signal.SIGINT, signal.SIGINT])
+    with pytest.raises(KeyboardInterrupt):
+        train_conditional_ddpm.main(parse_args(training_args(tmp_path / "run", synthetic_dir, *LONG_VALIDATION)))
+    assert len(calls) == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def damage(checkpoint, how):
+    state_file = checkpoint / "training_state.json"
+    if how == "random-states-missing":
+        (checkpoint / "random_states_0.pkl").unlink()
+        return "random_states_0.pkl is missing"
+    if how == "random-states-corrupt":
+        (checkpoint / "random_states_0.pkl").write_bytes(b"\x80\x04 not a pickle")
+        return "random_states_0.pkl is damaged"
+    if how == "optimizer-corrupt":
+        (checkpoint / "optimizer.bin").write_bytes((checkpoint / "optimizer.bin").read_bytes()[:100])
+        return "optimizer.bin is damaged"
+    if how == "weights-corrupt":
+        weights = checkpoint / "unet" / "diffusion_pytorch_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+        return "diffusion_pytorch_model.safetensors is damaged"
+    if how == "no-global-step":
+        state = json.loads(state_file.read_text())
+        del state["global_step"]
+        state_file.write_text(json.dumps(state))
+        return "training_state.json has no global_step"
+    state_file.write_text("{not json")
+    return "training_state.json is not valid JSON"
+
+
+DAMAGES = [
+    "random-states-missing",
+    "random-states-corrupt",
+    "optimizer-corrupt",
+    "weights-corrupt",
+    "no-global-step",
+    "state-not-json",
+]
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_a_damaged_checkpoint_is_refused_naming_the_file(tiny_checkpoint, synthetic_dir, tmp_path, how):
+    checkpoint = tmp_path / "checkpoint-2"
+    shutil.copytree(tiny_checkpoint / "checkpoint-2", checkpoint)
+    damaged_file = damage(checkpoint, how)
+    args = training_args(
+        tmp_path / "run", synthetic_dir, "--max_train_steps", 3, "--resume_from_checkpoint", checkpoint
+    )
+    with pytest.raises(SystemExit, match=f"error: cannot resume from {checkpoint}: {checkpoint}/.*{damaged_file}"):
+        train_main(args)
+
+
+def test_latest_passes_over_a_damaged_checkpoint_with_a_warning(tiny_checkpoint, synthetic_dir, tmp_path, caplog):
+    output_dir = tmp_path / "run"
+    shutil.copytree(tiny_checkpoint, output_dir)
+    newer = output_dir / "checkpoint-4"
+    shutil.copytree(output_dir / "checkpoint-2", newer)
+    state = json.loads((newer / "training_state.json").read_text())
+    (newer / "training_state.json").write_text(json.dumps({**state, "global_step": 4}))
+    damage(newer, "optimizer-corrupt")
+    args = training_args(output_dir, synthetic_dir, "--max_train_steps", 3, "--resume_from_checkpoint", "latest")
+    with caplog.at_level(logging.INFO):
+        train_main(args)
+    assert f"skipping {newer}: {newer / 'optimizer.bin'} is damaged" in caplog.text
+    assert f"resumed from {output_dir / 'checkpoint-2'} at step 2" in caplog.text
+
+
+def test_an_unwritable_output_dir_is_refused_before_training(tmp_path, synthetic_dir):
+    output_dir = tmp_path / "read-only"
+    output_dir.mkdir()
+    output_dir.chmod(0o555)
+    immutable = os.access(output_dir, os.W_OK)  # root writes anywhere; an immutable folder stops it too
+    if immutable and subprocess.run(["chattr", "+i", str(output_dir)], capture_output=True).returncode != 0:
+        pytest.skip("this user can write into any folder")
+    try:
+        with pytest.raises(SystemExit, match=f"error: --output_dir {output_dir} is not writable"):
+            train_main(training_args(output_dir, synthetic_dir, "--max_train_steps", 1))
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(output_dir)], check=True)
+        output_dir.chmod(0o755)
+
+
+# --- Data and evaluator faults ----------------------------------------------------------------------------------------
+
+
+def test_16_bit_png_images_are_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16)).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I")
+    assert np.asarray(iclevr_data.open_rgb(tmp_path / "grey16.png")).tolist() == [[[128] * 3] * 4] * 4
+
+
+@pytest.mark.parametrize("output", ["ev.json", "folder"])
+def test_evaluator_outputs_that_would_be_lost_are_refused_before_training(tmp_path, synthetic_dir, capsys, output):
+    (tmp_path / "folder").mkdir()
+    argv = [
+        "train",
+        "--train_data_dir",
+        str(synthetic_dir / "images"),
+        "--train_json",
+        str(synthetic_dir / "train.json"),
+    ]
+    argv += ["--output", str(tmp_path / output), "--num_epochs", "1", "--device", "cpu"]
+    code, text = cli_error(evaluate_iclevr.main, argv, capsys)
+    assert code == 1
+    expected = "is where the training metadata goes" if output == "ev.json" else "is a folder; give a file name"
+    assert expected in text and "training on" not in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
+
+
+def test_pushing_a_dataset_without_a_network_is_one_line(synthetic_dir, monkeypatch, capsys):
+    class ConnectError(Exception):  # what the Hub client raises offline: no OSError
+        pass
+
+    def offline(*args, **kwargs):
+        raise ConnectError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr("datasets.Dataset.push_to_hub", offline)
+    code, text = cli_error(iclevr_data.main, ["push", "--dataset_dir", str(synthetic_dir), "--repo_id", "me/x"], capsys)
+    assert code == 1
+    assert "could not push" in text and "Name or service not known" in text
+
+
+def test_argparse_errors_are_one_line_and_a_pointer_to_help(capsys):
+    for main, argv in (
+        (parse_args, ["--resolution", "-32"]),
+        (evaluate_iclevr.main, ["score", "--num_inference_steps", "0"]),
+        (iclevr_data.main, ["render"]),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        lines = capsys.readouterr().err.splitlines()
+        assert len(lines) == 2 and ": error: " in lines[0] and "--help" in lines[1], lines
