@@ -2,7 +2,7 @@
 
 This file is also the pipeline's remote code: `save_pretrained` copies it into the saved folder, so the folder
 loads with plain diffusers (`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`) where this
-project is not installed. It therefore imports nothing but torch, diffusers and the standard library.
+project is not installed. It therefore imports nothing but torch, diffusers, huggingface_hub and the standard library.
 """
 
 import difflib
@@ -27,8 +27,10 @@ from diffusers import (
     UNet2DConditionModel,
     UNet2DModel,
 )
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import create_repo, snapshot_download, upload_folder
 from torch import nn
@@ -59,6 +61,25 @@ SCHEDULERS = {
 DEFAULT_SCHEDULER = "euler-a"
 DEFAULT_NUM_INFERENCE_STEPS = 25
 DEFAULT_GUIDANCE_SCALE = 3.0
+HUB_TAGS = ["cond-ddpm", "i-clevr", "class-conditional", "ddpm", "classifier-free-guidance"]
+
+
+def usage_snippet(location: str) -> str:
+    """Python that loads the pipeline at `location` (a Hub id or folder) with plain diffusers and draws two scenes
+    with the project's default sampler, steps and guidance: what a model card shows."""
+    make_scheduler = SCHEDULERS[DEFAULT_SCHEDULER]
+    scheduler_class = getattr(make_scheduler, "func", make_scheduler).__self__.__name__
+    options = "".join(f", {key}={value!r}" for key, value in getattr(make_scheduler, "keywords", {}).items())
+    return f"""import torch
+from diffusers import DiffusionPipeline, {scheduler_class}
+
+pipe = DiffusionPipeline.from_pretrained({location!r}, trust_remote_code=True)
+pipe.scheduler = {scheduler_class}.from_config(pipe.scheduler.config{options})
+labels = [["red cube", "blue sphere"], ["gray cylinder", "yellow sphere", "cyan cube"]]
+steps, guidance, generator = {DEFAULT_NUM_INFERENCE_STEPS}, {DEFAULT_GUIDANCE_SCALE}, torch.Generator().manual_seed(0)
+images = pipe(labels, num_inference_steps=steps, guidance_scale=guidance, generator=generator).images
+images[0].save("scene.png")
+"""
 
 
 def multi_hot(labels, class_names: Sequence[str]) -> torch.Tensor:
@@ -176,6 +197,7 @@ class CondDDPMPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "label_embedding->unet"
+    _callback_tensor_inputs = ["image"]
 
     # `label_embedding` is typed loosely: remote code loads LabelEmbedding from its own copy of this file.
     def __init__(self, unet: UNet2DModel | UNet2DConditionModel, label_embedding: ModelMixin, scheduler):
@@ -245,8 +267,15 @@ class CondDDPMPipeline(DiffusionPipeline):
     def class_names(self) -> list[str]:
         return list(self.label_embedding.config.class_names)
 
-    def check_inputs(self, labels, num_inference_steps, guidance_scale, generator, output_type):
+    def check_inputs(
+        self, labels, num_inference_steps, guidance_scale, generator, output_type, callback_on_step_end_tensor_inputs
+    ):
         """Validate the call's arguments; return the labels as a multi-hot tensor and the step count as an int."""
+        unknown = [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs may only name {self._callback_tensor_inputs}, got {unknown}"
+            )
         try:  # Python, numpy and 0-d torch integers; not bools, which would quietly mean one step
             steps = operator.index(num_inference_steps) if not isinstance(num_inference_steps, bool) else None
         except TypeError:
@@ -276,6 +305,7 @@ class CondDDPMPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ["image"],  # noqa: B006 (diffusers' signature; never mutated)
     ) -> ImagePipelineOutput | tuple:
         r"""
         Generate one image per label set.
@@ -297,9 +327,13 @@ class CondDDPMPipeline(DiffusionPipeline):
                 in [0, 1]).
             return_dict (`bool`, *optional*, defaults to `True`):
                 Whether to return an [`~pipelines.ImagePipelineOutput`] instead of a plain tuple.
-            callback_on_step_end (`Callable`, *optional*):
-                Called after each step as `callback_on_step_end(pipe, step, timestep, {"image": image})`, where
-                `image` is the current noisy sample in [-1, 1]; a returned `{"image": ...}` replaces it.
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
+                Called after each step as `callback_on_step_end(pipe, step, timestep, callback_kwargs)`, where
+                `callback_kwargs` holds the tensors named by `callback_on_step_end_tensor_inputs`; `image` is the
+                current noisy sample in [-1, 1]. A returned `{"image": ...}` replaces it.
+            callback_on_step_end_tensor_inputs (`list[str]`, *optional*, defaults to `["image"]`):
+                The tensors passed to `callback_on_step_end`, from `._callback_tensor_inputs`. A `PipelineCallback`
+                brings its own `tensor_inputs`.
 
         Example:
 
@@ -316,10 +350,14 @@ class CondDDPMPipeline(DiffusionPipeline):
         Returns:
             [`~pipelines.ImagePipelineOutput`] or `tuple`: the generated images.
         """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         labels, num_inference_steps = self.check_inputs(
-            labels, num_inference_steps, guidance_scale, generator, output_type
+            labels, num_inference_steps, guidance_scale, generator, output_type, callback_on_step_end_tensor_inputs
         )
-        labels = labels.to(self.device)
+        # With model CPU offload the modules wait on the CPU; the execution device is where their hooks run them.
+        device = self._execution_device
+        labels = labels.to(device)
         do_guidance = guidance_scale > 1
         if do_guidance:  # conditional and unconditional passes run as one batch
             labels = torch.cat([labels, torch.zeros_like(labels)])
@@ -327,11 +365,12 @@ class CondDDPMPipeline(DiffusionPipeline):
 
         batch_size = len(labels) // 2 if do_guidance else len(labels)
         size = self.unet.config.sample_size
-        shape = (batch_size, self.unet.config.in_channels, size, size)
+        height, width = (size, size) if isinstance(size, int) else size
+        shape = (batch_size, self.unet.config.in_channels, height, width)
         # Timesteps first: Euler-type schedulers derive init_noise_sigma from them, and before the first set_timesteps
         # it is the 1000-step schedule's (on the trained models' cosine schedule: 20291, not 16.5 for 25 steps).
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        image = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        image = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
         image = image * self.scheduler.init_noise_sigma
 
         # Schedulers that add fresh noise at each step take the generator; deterministic ones have no such argument.
@@ -347,7 +386,9 @@ class CondDDPMPipeline(DiffusionPipeline):
                 model_output = unconditional + guidance_scale * (conditional - unconditional)
             image = self.scheduler.step(model_output, t, image, **step_kwargs).prev_sample
             if callback_on_step_end is not None:
-                image = (callback_on_step_end(self, i, t, {"image": image}) or {}).get("image", image)
+                tensors = {"image": image}
+                callback_kwargs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
+                image = (callback_on_step_end(self, i, t, callback_kwargs) or {}).pop("image", image)
 
         image = (image / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":
@@ -363,7 +404,7 @@ class CondDDPMPipeline(DiffusionPipeline):
         """Save as diffusers does, plus this file as the pipeline's and the label embedding's remote code.
 
         With `push_to_hub` (and optionally `repo_id`, `token`, `private`, `commit_message`), the finished folder, code
-        included, is uploaded afterwards.
+        included, is uploaded afterwards, with the repository's model card, or a new one that shows how to use it.
         """
         hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "token", "private", "commit_message") if k in kwargs}
         super().save_pretrained(save_directory, **kwargs)
@@ -379,6 +420,14 @@ class CondDDPMPipeline(DiffusionPipeline):
             token = hub_kwargs.get("token")
             repo_id = hub_kwargs.get("repo_id", Path(save_directory).name)
             repo_id = create_repo(repo_id, private=hub_kwargs.get("private"), token=token, exist_ok=True).repo_id
+            description = (
+                "A label-conditioned DDPM (cond-ddpm) that draws i-CLEVR scenes from lists of object names:"
+                f"\n\n```python\n{usage_snippet(repo_id)}```\n"
+            )
+            # is_modular: diffusers then takes the description as the card's text instead of its TODO template.
+            card = load_or_create_model_card(repo_id, token=token, model_description=description, is_modular=True)
+            populate_model_card(card, tags=[tag for tag in HUB_TAGS if tag not in (card.data.tags or [])])
+            card.save(Path(save_directory) / "README.md")
             upload_folder(
                 repo_id=repo_id,
                 folder_path=save_directory,

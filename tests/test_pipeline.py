@@ -10,6 +10,9 @@ from diffusers import (
     UNet2DConditionModel,
     UNet2DModel,
 )
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from huggingface_hub import ModelCard
+from huggingface_hub.errors import EntryNotFoundError
 from PIL import Image
 
 from pipeline_cond_ddpm import PRESETS, CondDDPMPipeline, LabelEmbedding, multi_hot
@@ -186,9 +189,66 @@ def test_save_pretrained_pushes_the_finished_folder(tiny_pipeline, tmp_path, mon
         "pipeline_cond_ddpm.upload_folder",
         lambda **kw: uploaded.update(kw, files=sorted(p.name for p in kw["folder_path"].iterdir())),
     )
+    monkeypatch.setattr(ModelCard, "load", classmethod(lambda cls, repo, token=None: throw(EntryNotFoundError(repo))))
     tiny_pipeline.save_pretrained(tmp_path / "tiny", push_to_hub=True, token="hf_x")
     assert uploaded["repo_id"] == "me/tiny" and uploaded["token"] == "hf_x"
-    assert "pipeline_cond_ddpm.py" in uploaded["files"] and "model_index.json" in uploaded["files"]
+    assert {"pipeline_cond_ddpm.py", "model_index.json", "README.md"} <= set(uploaded["files"])
+
+
+def throw(error):
+    raise error
+
+
+# --- The diffusers pipeline API ------------------------------------------------------------------------------------
+
+
+class RecordImages(PipelineCallback):
+    tensor_inputs = ["image"]
+
+    def __init__(self):
+        super().__init__()
+        self.steps = []
+
+    def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+        self.steps.append((step_index, callback_kwargs["image"].shape))
+        return {"image": callback_kwargs["image"] * 0}
+
+
+def test_pipeline_callbacks_see_and_replace_the_sample(tiny_pipeline):
+    record, other = RecordImages(), RecordImages()
+    images = generate(tiny_pipeline, [["red cube"]], callback_on_step_end=MultiPipelineCallbacks([record, other]))
+    assert record.steps == other.steps == [(i, (1, 3, 16, 16)) for i in range(3)]
+    single = RecordImages()
+    assert torch.equal(generate(tiny_pipeline, [["red cube"]], callback_on_step_end=single), images)
+    assert torch.equal(images, torch.full_like(images, 0.5)), "the last step's zeroed sample, shown as grey"
+
+
+def test_callback_tensor_inputs_are_named_as_in_diffusers(tiny_pipeline):
+    seen = []
+    generate(
+        tiny_pipeline,
+        [["red cube"]],
+        callback_on_step_end=lambda pipe, step, t, tensors: seen.append(sorted(tensors)),
+        callback_on_step_end_tensor_inputs=["image"],
+    )
+    assert seen == [["image"]] * 3
+    with pytest.raises(ValueError, match=r"callback_on_step_end_tensor_inputs may only name \['image'\]"):
+        generate(tiny_pipeline, [["red cube"]], callback_on_step_end=print, callback_on_step_end_tensor_inputs=["x"])
+
+
+def test_a_rectangular_sample_size_draws_rectangular_images(tiny_pipeline):
+    tiny_pipeline.unet.register_to_config(sample_size=(16, 8))
+    assert generate(tiny_pipeline, [["red cube"], ["blue sphere"]]).shape == (2, 3, 16, 8)
+
+
+def test_sampling_runs_on_the_execution_device(tiny_pipeline, monkeypatch):
+    """With model CPU offload the modules sit on the CPU between calls; the hooks run them on the execution device."""
+    asked = []
+    monkeypatch.setattr(
+        CondDDPMPipeline, "_execution_device", property(lambda pipe: asked.append(True) or torch.device("cpu"))
+    )
+    generate(tiny_pipeline, [["red cube"]])
+    assert asked
 
 
 # --- Presets -------------------------------------------------------------------------------------------------------
