@@ -10,7 +10,7 @@ index). Both real and synthetic data load through `load_iclevr_dataset`; a datas
     python -m cond_ddpm.data push --dataset_dir DIR --repo_id you/iclevr-synthetic
 """
 
-import argparse
+import hashlib
 import io
 import json
 import os
@@ -25,6 +25,7 @@ from datasets import ClassLabel, Dataset, Features, Image, List, load_dataset, l
 from PIL import Image as PILImage
 from PIL import ImageDraw
 from torchvision.transforms import v2
+from tqdm.auto import tqdm
 
 from cond_ddpm import cli, hub
 from cond_ddpm.atomic_io import atomic_write, staged_directory
@@ -94,7 +95,7 @@ def build_dataset(train_data_dir, train_json, objects_json=OBJECTS_JSON) -> Data
     if not image_dir.is_dir():
         raise FileNotFoundError(f"image folder {image_dir} does not exist")
     paths, objects = [], []
-    for file_name, label_set in entries.items():
+    for file_name, label_set in tqdm(entries.items(), desc="checking images", unit="image"):
         _check_label_set(label_set, class_names, f"{train_json}, entry {file_name!r}")
         path = image_dir / file_name
         if not path.is_file():
@@ -121,7 +122,13 @@ def load_iclevr_dataset(train_data_dir, train_json, objects_json=OBJECTS_JSON, r
 
 
 def load_hub_dataset(
-    dataset_name, resolution=64, image_column="image", label_column="objects", objects_json=OBJECTS_JSON
+    dataset_name,
+    resolution=64,
+    image_column="image",
+    label_column="objects",
+    objects_json=OBJECTS_JSON,
+    config_name=None,
+    cache_dir=None,
 ):
     """A dataset from the Hub, or a local `save_to_disk` / imagefolder path, transformed like `load_iclevr_dataset`.
 
@@ -132,7 +139,7 @@ def load_hub_dataset(
     if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
         dataset = load_from_disk(dataset_name)
     else:
-        dataset = load_dataset(dataset_name, split="train")
+        dataset = load_dataset(dataset_name, config_name, cache_dir=cache_dir, split="train")
     for column in (image_column, label_column):
         if column not in dataset.column_names:
             raise ValueError(f"{dataset_name} has no column {column!r}; its columns are {dataset.column_names}")
@@ -227,12 +234,13 @@ def with_training_transform(dataset: Dataset, resolution: int) -> Dataset:
     class_names = dataset_class_names(dataset)
     cache = CACHE_DIR / "resized"
     cache.mkdir(parents=True, exist_ok=True)
-    resized = dataset.cast_column("image", Image(decode=False)).map(
+    undecoded = dataset.cast_column("image", Image(decode=False))
+    resized = undecoded.map(
         _resize_batch,
         batched=True,
         fn_kwargs={"resolution": resolution},
-        # datasets' fingerprint of the rows (paths, labels) names the cache, so a later run finds it.
-        cache_file_name=str(cache / f"{dataset._fingerprint}-{resolution}.arrow"),
+        # Named by what the rows hold, so a later run finds it, and a changed image or label makes a new one.
+        cache_file_name=str(cache / f"{content_key(undecoded)}-{resolution}.arrow"),
         desc=f"resizing images to {resolution}x{resolution} (once)",
     )
 
@@ -243,6 +251,23 @@ def with_training_transform(dataset: Dataset, resolution: int) -> Dataset:
         }
 
     return resized.with_transform(to_tensors)
+
+
+def content_key(dataset: Dataset) -> str:
+    """A digest of what an undecoded dataset's rows hold: the vocabulary, every label set, and every image, by its
+    bytes where the dataset embeds them, else by its file's path, size and modification time."""
+    digest = hashlib.sha256(json.dumps(dataset_class_names(dataset)).encode())
+    rows = dataset.select_columns(["image", "objects"]).with_format(None)
+    for start in range(0, len(rows), 1000):
+        batch = rows[start : start + 1000]
+        for image, objects in zip(batch["image"], batch["objects"], strict=True):
+            if image["bytes"]:
+                digest.update(hashlib.sha256(image["bytes"]).digest())
+            else:
+                stat = os.stat(image["path"])
+                digest.update(f"{image['path']}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+            digest.update(json.dumps(objects).encode())
+    return digest.hexdigest()[:32]
 
 
 def _resize_batch(batch, resolution):
@@ -283,7 +308,8 @@ def synthesize(output_dir, num_scenes: int, seed: int = 0, num_workers: int | No
         train = {}
         # fork: the workers need only numpy and PIL, and a spawned worker would import torch first.
         with ProcessPoolExecutor(num_workers or os.cpu_count(), mp_context=get_context("fork")) as pool:
-            for labels in pool.map(_render_scene_files, jobs, chunksize=16):
+            rendered = pool.map(_render_scene_files, jobs, chunksize=16)
+            for labels in tqdm(rendered, total=num_scenes, desc="rendering scenes", unit="scene"):
                 train.update(labels)
         (staging / "train.json").write_text(json.dumps(train) + "\n")
         shutil.copyfile(OBJECTS_JSON, staging / "objects.json")
@@ -337,26 +363,30 @@ def push(dataset_dir, repo_id: str, private: bool = False, token: str | None = N
 
 
 def main(argv=None):
-    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    render = commands.add_parser("synthesize", help="render a synthetic i-CLEVR folder")
-    render.add_argument("--output_dir", required=True)
+
+    def command(name, help):
+        return commands.add_parser(name, help=help, description=help, formatter_class=cli.HelpFormatter)
+
+    render = command("synthesize", "render a synthetic i-CLEVR folder")
+    render.add_argument("--output_dir", required=True, help="the folder to create (images/, train.json, objects.json)")
     render.add_argument(
         "--num_scenes", type=cli.positive_int, default=1000, help="each scene gives 3 images (1, 2, 3 objects)"
     )
-    render.add_argument("--seed", type=cli.seed, default=0)
+    render.add_argument("--seed", type=cli.seed, default=0, help="another seed renders other scenes")
     render.add_argument(
         "--num_workers", type=cli.positive_int, default=None, help="rendering processes (default: all cores)"
     )
-    show = commands.add_parser("preview", help="draw images of an i-CLEVR-style folder with their labels")
+    show = command("preview", "draw images of an i-CLEVR-style folder with their labels")
     show.add_argument("--dataset_dir", required=True, help="holds images/ and train.json")
-    show.add_argument("--output", required=True)
-    show.add_argument("--num_images", type=cli.positive_int, default=12)
-    publish = commands.add_parser("push", help="publish an i-CLEVR-style folder as a Hub dataset")
+    show.add_argument("--output", required=True, help="the PNG to write")
+    show.add_argument("--num_images", type=cli.positive_int, default=12, help="the first N images of train.json")
+    publish = command("push", "publish an i-CLEVR-style folder as a Hub dataset")
     publish.add_argument("--dataset_dir", required=True, help="holds images/, train.json and objects.json")
-    publish.add_argument("--repo_id", required=True)
-    publish.add_argument("--private", action="store_true")
-    publish.add_argument("--hub_token", default=None)
+    publish.add_argument("--repo_id", required=True, help="the dataset repository, e.g. you/iclevr-synthetic")
+    publish.add_argument("--private", action="store_true", help="create the repository private")
+    publish.add_argument("--hub_token", default=None, help="default: the token of `hf auth login` or HF_TOKEN")
     args = parser.parse_args(argv)
     if args.command == "synthesize":
         folder = cli.run(synthesize, args.output_dir, args.num_scenes, args.seed, args.num_workers)

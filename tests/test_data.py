@@ -1,6 +1,7 @@
 """The synthetic renderer writes the real i-CLEVR layout; both load through `datasets` the same way."""
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -123,6 +124,35 @@ def test_hub_datasets_load_with_names_or_class_labels(tmp_path, synthetic_dir, c
     first = load_hub_dataset(str(tmp_path / "class-labels"), resolution=16)[0]
     second = load_hub_dataset(str(tmp_path / "names"), 16, image_column="picture", label_column="objects_named")[0]
     assert torch.equal(first["labels"], second["labels"]) and torch.equal(first["pixel_values"], second["pixel_values"])
+
+
+def test_hub_datasets_take_a_config_name_and_a_cache_dir(tmp_path, synthetic_dir, monkeypatch):
+    rows = build_dataset(synthetic_dir / "images", synthetic_dir / "train.json")
+    asked = []
+    monkeypatch.setattr(iclevr_data, "load_dataset", lambda *args, **kwargs: asked.append((args, kwargs)) or rows)
+    load_hub_dataset("someone/iclevr", 16, config_name="small", cache_dir=str(tmp_path / "hub-cache"))
+    assert asked == [(("someone/iclevr", "small"), {"cache_dir": str(tmp_path / "hub-cache"), "split": "train"})]
+
+
+def test_an_image_replaced_under_the_same_name_is_resized_again(tmp_path, synthetic_dir):
+    images = tmp_path / "images"
+    images.mkdir()
+    train = {"a.png": ["red cube"]}
+    (tmp_path / "train.json").write_text(json.dumps(train))
+    PILImage.new("RGB", (32, 24), (255, 0, 0)).save(images / "a.png")
+    red = load_iclevr_dataset(images, tmp_path / "train.json", resolution=8)[0]["pixel_values"]
+    earlier = (images / "a.png").stat().st_mtime_ns
+    PILImage.new("RGB", (32, 24), (0, 0, 255)).save(images / "a.png")
+    os.utime(images / "a.png", ns=(earlier + 10**9, earlier + 10**9))  # a coarse clock could give both one time
+    blue = load_iclevr_dataset(images, tmp_path / "train.json", resolution=8)[0]["pixel_values"]
+    assert red[0].min() > 0.9 and blue[2].min() > 0.9, "the new image, not the cached copy of the old one"
+
+
+def test_long_steps_show_their_progress(tmp_path, capsys):
+    folder = synthesize(tmp_path / "rendered", num_scenes=2, seed=0, num_workers=1)
+    build_dataset(folder / "images", folder / "train.json")
+    shown = capsys.readouterr().err
+    assert re.search(r"rendering scenes: 100%.* 2/2 ", shown) and re.search(r"checking images: 100%.* 6/6 ", shown)
 
 
 def test_split_by_scene_keeps_scenes_together(synthetic_dir):
