@@ -283,6 +283,19 @@ def check_resumable(checkpoint: Path, training_state: dict):
     return saved["global_step"]
 
 
+def load_checkpoint_weights(model, emas, folder, device):
+    """Load a checkpoint's weights into `model` and its EMA copies. The EMA comes back as CPU tensors of
+    `EMAModel.from_pretrained`, so it is moved to `device` here (as diffusers' examples do): the `ema.to(device)` of
+    start-up ran before `load_state`, and the next `ema.step` would mix devices."""
+    saved = CondDDPMPipeline.from_pretrained(folder)
+    model.unet.load_state_dict(saved.unet.state_dict())
+    model.label_embedding.load_state_dict(saved.label_embedding.state_dict())
+    for name, ema in emas.items():
+        loaded = EMAModel.from_pretrained(os.path.join(folder, "ema", name), model_cls=type(getattr(model, name)))
+        ema.load_state_dict(loaded.state_dict())
+        ema.to(device)
+
+
 def build_pipeline(accelerator, denoiser, noise_scheduler) -> CondDDPMPipeline:
     model = accelerator.unwrap_model(denoiser)
     return CondDDPMPipeline(unet=model.unet, label_embedding=model.label_embedding, scheduler=noise_scheduler)
@@ -424,13 +437,7 @@ def register_checkpoint_hooks(accelerator, noise_scheduler, emas):
         weights.pop()
 
     def load_model_hook(models, folder):
-        model = accelerator.unwrap_model(models.pop())
-        saved = CondDDPMPipeline.from_pretrained(folder)
-        model.unet.load_state_dict(saved.unet.state_dict())
-        model.label_embedding.load_state_dict(saved.label_embedding.state_dict())
-        for name, ema in emas.items():
-            loaded = EMAModel.from_pretrained(os.path.join(folder, "ema", name), model_cls=type(getattr(model, name)))
-            ema.load_state_dict(loaded.state_dict())
+        load_checkpoint_weights(accelerator.unwrap_model(models.pop()), emas, folder, accelerator.device)
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)

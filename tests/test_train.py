@@ -154,3 +154,25 @@ def test_training_steps_make_no_host_sync(tmp_path, synthetic_dir):
     six_steps = host_syncs(6, 100)
     assert six_steps == host_syncs(2, 100)
     assert host_syncs(6, 1) > six_steps
+
+
+def test_resuming_puts_the_ema_on_the_device_of_the_weights_it_shadows(tmp_path, tiny_pipeline):
+    """A GPU run loads checkpoints from CPU files: the EMA must end up on the training device, not stay on the CPU.
+    `meta` stands in for the GPU, a device the loaded files are not on."""
+    from diffusers.training_utils import EMAModel
+
+    from train_conditional_ddpm import Denoiser, load_checkpoint_weights
+
+    model = Denoiser(tiny_pipeline.unet, tiny_pipeline.label_embedding)
+    emas = {
+        name: EMAModel(module.parameters(), model_cls=type(module), model_config=module.config, foreach=True)
+        for name, module in (("unet", model.unet), ("label_embedding", model.label_embedding))
+    }
+    tiny_pipeline.save_pretrained(tmp_path)
+    for name, ema in emas.items():
+        ema.save_pretrained(tmp_path / "ema" / name)
+    model.to("meta")
+    load_checkpoint_weights(model, emas, tmp_path, torch.device("meta"))
+    for name, ema in emas.items():
+        shadowed = list(getattr(model, name).parameters())
+        assert [p.device for p in ema.shadow_params] == [p.device for p in shadowed], name
