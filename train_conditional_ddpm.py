@@ -359,6 +359,15 @@ def check_launch(accelerator):
         )
 
 
+def check_mixed_precision(accelerator):
+    """Refuse fp16 where Accelerate has no loss scaler for it (a CPU): it would quietly train in fp32 instead."""
+    if accelerator.mixed_precision == "fp16" and accelerator.scaler is None:
+        raise ValueError(
+            f"--mixed_precision fp16 needs a GPU (its loss scaling runs there) and this run is on the"
+            f" {accelerator.device.type}; use --mixed_precision bf16 or no"
+        )
+
+
 def check_cpu_threads(accelerator):
     """Warn when torch uses fewer CPU cores than this process could: `accelerate launch` sets OMP_NUM_THREADS=1
     unless told otherwise, which halves a single-process run on a 2-core machine."""
@@ -680,6 +689,7 @@ def train(args, held: ExitStack):
     output_dir = Path(args.output_dir)
     accelerator = make_accelerator(args, output_dir)
     check_launch(accelerator)
+    check_mixed_precision(accelerator)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     check_cpu_threads(accelerator)
     set_seed(args.seed, device_specific=True)  # one seed per process, so noise differs across processes
@@ -886,7 +896,11 @@ def parse_args(argv=None):
     optim.add_argument("--ema_inv_gamma", type=cli.positive_float, default=1.0)
     optim.add_argument("--ema_power", type=cli.positive_float, default=3 / 4)
     optim.add_argument("--ema_max_decay", type=cli.number(0, 1), default=0.9999)
-    optim.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"])
+    optim.add_argument(
+        "--mixed_precision",
+        choices=["no", "fp16", "bf16"],
+        help="bf16, or fp16 with Accelerate's loss scaling, on a GPU; bf16 or no on a CPU",
+    )
     optim.add_argument("--compile", action="store_true", help="torch.compile the model")
     optim.add_argument(
         "--seed",

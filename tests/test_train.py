@@ -176,3 +176,14 @@ def test_resuming_puts_the_ema_on_the_device_of_the_weights_it_shadows(tmp_path,
     for name, ema in emas.items():
         shadowed = list(getattr(model, name).parameters())
         assert [p.device for p in ema.shadow_params] == [p.device for p in shadowed], name
+
+
+def test_fp16_on_the_cpu_is_refused_in_one_line(tmp_path, synthetic_dir):
+    """Accelerate has no loss scaler on a CPU, so fp16 there would train in fp32 while the model card says fp16."""
+    args = training_args(tmp_path / "fp16", synthetic_dir, "--max_train_steps", 1, "--mixed_precision", "fp16")
+    result = run_python("train_conditional_ddpm.py", *args)
+    assert result.returncode != 0
+    assert "error: --mixed_precision fp16 needs a GPU" in result.stderr
+    assert "use --mixed_precision bf16 or no" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "fp16" / "model_index.json").exists()
