@@ -1,13 +1,17 @@
 """train_conditional_ddpm.py end to end, in real processes: one process, two-process DDP (gloo), checkpoints, resume."""
 
 import logging
+import os
 import shutil
+import socket
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 from accelerate import PartialState
-from conftest import assert_same_weights, load_weights, run_python, training_args
+from conftest import ROOT, assert_same_weights, load_weights, run_python, training_args
 
 from pipeline_cond_ddpm import CondDDPMPipeline
 
@@ -100,6 +104,56 @@ def test_two_process_gloo_run_ends_with_identical_weights(tmp_path, synthetic_di
         "8 images, 3 steps of 4 x 2 processes" in result.stderr or "images, 3 steps of 4 x 2 processes" in result.stderr
     )
     CondDDPMPipeline.from_pretrained(tmp_path / "ddp")
+
+
+def launch_two_machines(args, timeout=600):
+    """Two `accelerate launch` commands of the shipped multi-machine config, one per machine rank, as two machines
+    would run them, meeting over 127.0.0.1 with gloo, one process each; returns each rank's (exit code, log)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launches = [
+        subprocess.Popen(
+            [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_config_multinode.yaml"]
+            + ["--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port)]
+            + ["--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no"]
+            + ["train_conditional_ddpm.py", *map(str, args)],
+            cwd=ROOT,
+            env={**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONUNBUFFERED": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    try:
+        return [(launch.wait(timeout), launch.communicate()[0]) for launch in launches]
+    finally:
+        for launch in launches:
+            launch.kill()
+
+
+def test_two_machines_train_one_pipeline_and_resume_from_its_checkpoint(tmp_path, synthetic_dir):
+    """The multi-machine launch of the README, both machines on this one: one saved pipeline, the same weights on both
+    ranks, and a second two-machine launch that resumes the first one's checkpoint to the same weights."""
+    first = tmp_path / "first"
+    args = training_args(first, synthetic_dir, "--max_train_steps", 3, "--checkpointing_steps", 2)
+    (code_0, log_0), (code_1, log_1) = launch_two_machines(args)
+    assert code_0 == 0 and code_1 == 0, log_0[-3000:] + log_1[-3000:]
+    assert "images, 3 steps of 4 x 2 processes" in log_0
+    assert "the weights are identical on all 2 processes" in log_0
+    assert log_0.count("Pipeline saved to") == 1 and "Pipeline saved to" not in log_1
+    CondDDPMPipeline.from_pretrained(first)
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(first / "checkpoint-2", resumed / "checkpoint-2")
+    resumed_args = [str(resumed) if a == str(first) else a for a in args]
+    (code_0, log_0), (code_1, log_1) = launch_two_machines([*resumed_args, "--resume_from_checkpoint", "latest"])
+    assert code_0 == 0 and code_1 == 0, log_0[-3000:] + log_1[-3000:]
+    assert f"resumed from {resumed / 'checkpoint-2'} at step 2" in log_0
+    assert "the weights are identical on all 2 processes" in log_0
+    assert_same_weights(resumed, first)
 
 
 def test_a_launch_whose_processes_run_alone_is_refused(tmp_path, synthetic_dir):
