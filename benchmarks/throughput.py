@@ -85,8 +85,6 @@ def in_own_process(function, *args):
 
 def training_script(preset, resolution, batch_size, steps, data_scenes, precision, loader_workers):
     """The training script's images/s on the same model and batch, read from its tensorboard log."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     with tempfile.TemporaryDirectory() as output_dir:
         command = one_process_training_command(
             "--preset",
@@ -117,9 +115,16 @@ def training_script(preset, resolution, batch_size, steps, data_scenes, precisio
             {"fp32": "no", "bf16": "bf16"}[precision],
         )
         subprocess.run(command, check=True, capture_output=True, text=True)
-        events = EventAccumulator(next(Path(output_dir, "logs").rglob("events.out.tfevents.*")).as_posix())
-        events.Reload()
-        rates = [event.value for event in events.Scalars("images_per_second")][1:-1]  # skip warm-up and the tail
+        return logged_images_per_second(output_dir)
+
+
+def logged_images_per_second(output_dir) -> float:
+    """The median images/s a training run logged, without its first (warm-up) and last intervals."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(next(Path(output_dir, "logs").rglob("events.out.tfevents.*")).as_posix())
+    events.Reload()
+    rates = [event.value for event in events.Scalars("images_per_second")][1:-1]
     return sorted(rates)[len(rates) // 2]
 
 

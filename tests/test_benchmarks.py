@@ -42,3 +42,14 @@ def test_a_gpu_recipe_is_refused_without_a_gpu(quality, monkeypatch, capsys):
     assert stopped.value.code == 2
     message = capsys.readouterr().err
     assert "--recipe gpu" in message and "needs a CUDA GPU" in message
+
+
+def test_the_gpu_check_refuses_a_cpu_without_quick_and_a_used_results_folder(tmp_path):
+    from conftest import run_python
+
+    result = run_python("benchmarks/gpu_check.py", "--results_dir", tmp_path / "new", env={"CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 2 and "needs a CUDA GPU" in result.stderr and "--quick" in result.stderr
+    (tmp_path / "used" / "earlier").mkdir(parents=True)
+    result = run_python("benchmarks/gpu_check.py", "--results_dir", tmp_path / "used", "--quick")
+    assert result.returncode == 2 and f"--results_dir {tmp_path / 'used'} is not empty" in result.stderr
+    assert (tmp_path / "used" / "earlier").is_dir()
