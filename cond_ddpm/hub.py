@@ -7,15 +7,17 @@ diffusers: `DiffusionPipeline.from_pretrained(repo_id, trust_remote_code=True)`.
 import shutil
 from pathlib import Path
 
-from diffusers.utils.hub_utils import populate_model_card
-from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder, whoami
+from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+from huggingface_hub import EvalResult, ModelCard, create_repo, upload_folder, whoami
+from jinja2 import Template
+
+from pipeline_cond_ddpm import HUB_TAGS, usage_snippet
 
 from cond_ddpm.atomic_io import LOCK_NAME
 
 # A training run's folder also holds checkpoints, logs and per-epoch samples: none of that belongs on the Hub.
-IGNORE_PATTERNS = ["checkpoint-*", ".incomplete-*", LOCK_NAME, "logs/*", "best/*", "samples/*"]
+IGNORE_PATTERNS = ["checkpoint-*", ".incomplete-*", LOCK_NAME, "best/*", "samples/*"]
 SAMPLE_GRID = "sample_grid.png"
-TAGS = ["cond-ddpm", "i-clevr", "class-conditional", "ddpm", "classifier-free-guidance"]
 # Settings that describe the run; the rest (paths, logging, Hub credentials) say nothing about the model.
 CARD_SETTINGS = (
     "preset",
@@ -46,8 +48,9 @@ CARD_SETTINGS = (
     "seed",
 )
 
+# The front matter is the new card's metadata; `write_model_card` adds the rest (tags, model-index).
 CARD_TEMPLATE = """---
-{{ card_data }}
+license: apache-2.0
 ---
 
 # {{ title }}
@@ -60,15 +63,7 @@ colours, 1-3 objects per image) from lists of object names, trained with cond-dd
 ## Usage
 
 ```python
-import torch
-from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
-
-pipe = DiffusionPipeline.from_pretrained("{{ location }}", trust_remote_code=True)
-pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-labels = [["red cube", "blue sphere"], ["gray cylinder", "yellow sphere", "cyan cube"]]
-images = pipe(labels, num_inference_steps=10, guidance_scale=5.0, generator=torch.Generator().manual_seed(0)).images
-images[0].save("scene.png")
-```
+{{ usage }}```
 
 The objects it knows: {{ class_names }}.
 
@@ -88,16 +83,17 @@ The objects it knows: {{ class_names }}.
 """
 
 
-def check_access(repo_id: str, token: str | None) -> str:
-    """Fail before training when the Hub is out of reach or no token is known, naming what to do."""
+def prepare_repo(repo_id: str, token: str | None, private: bool) -> str:
+    """Fail before training when the Hub is out of reach or no token is known, naming what to do; else create the
+    repository and return its full id (a bare name gains the user's namespace)."""
     try:
-        user = whoami(token=token)["name"]
+        whoami(token=token)
     except Exception as error:  # offline, no token, revoked token: all end the same way
         raise ValueError(
             f"--push_to_hub {repo_id!r} needs the Hugging Face Hub and a token with write access, and the check"
             f" failed ({failure_reason(error, token)}); run `hf auth login`, pass --hub_token, or drop --push_to_hub"
         ) from None
-    return user
+    return create_repo(repo_id, token=token, private=private, exist_ok=True).repo_id
 
 
 def failure_reason(error: Exception, token: str | None) -> str:
@@ -106,8 +102,14 @@ def failure_reason(error: Exception, token: str | None) -> str:
     return reason.replace(token, "***") if token else reason
 
 
-def write_model_card(folder, pipeline, settings: dict, metrics: dict, sample_grid, steps: int, location: str):
-    """Write README.md (and the sample grid it shows) into a saved pipeline folder."""
+def write_model_card(
+    folder, pipeline, settings: dict, metrics: dict, sample_grid, steps: int, location: str, repo_id=None, token=None
+):
+    """Write README.md (and the sample grid it shows) into a saved pipeline folder.
+
+    With `repo_id`, a card that repository already has on the Hub is kept, as diffusers' training scripts keep it;
+    only its tags and, with `metrics`, its `model-index` scores are brought up to date.
+    """
     folder = Path(folder)
     if Path(sample_grid).is_file():
         shutil.copyfile(sample_grid, folder / SAMPLE_GRID)
@@ -130,13 +132,12 @@ def write_model_card(folder, pipeline, settings: dict, metrics: dict, sample_gri
     else:
         data = f"the built-in synthetic i-CLEVR set ({settings['synthetic_scenes']} rendered scenes, 3 images each)"
     parameters = sum(p.numel() for module in (pipeline.unet, pipeline.label_embedding) for p in module.parameters())
-    card = ModelCard.from_template(
-        ModelCardData(library_name="diffusers", license="apache-2.0"),
-        template_str=CARD_TEMPLATE,
-        title=f"cond-ddpm: {settings['preset']} preset, {settings['resolution']}x{settings['resolution']}",
+    title = f"cond-ddpm: {settings['preset']} preset, {settings['resolution']}x{settings['resolution']}"
+    text = Template(CARD_TEMPLATE).render(
+        title=title,
         resolution=settings["resolution"],
         sample_grid=SAMPLE_GRID,
-        location=location,
+        usage=usage_snippet(location),
         class_names=", ".join(pipeline.class_names),
         evaluation=evaluation,
         data=data,
@@ -145,17 +146,47 @@ def write_model_card(folder, pipeline, settings: dict, metrics: dict, sample_gri
         steps=steps,
         settings="\n".join(f"| {key} | {settings.get(key)} |" for key in CARD_SETTINGS),
     )
-    populate_model_card(card, tags=TAGS).save(folder / "README.md")
+    if repo_id is None:
+        card = ModelCard(text)
+    else:  # is_modular: diffusers then takes the text as the new card's, instead of its TODO template
+        card = load_or_create_model_card(repo_id, token=token, model_description=text, is_modular=True)
+    card.data.license = card.data.license or "apache-2.0"
+    if metrics:
+        card.data.model_name = card.data.model_name or title
+        card.data.eval_results = evaluation_results(metrics)
+    populate_model_card(card, tags=[tag for tag in HUB_TAGS if tag not in (card.data.tags or [])])
+    card.save(folder / "README.md")
 
 
-def push(folder, repo_id: str, token: str | None, private: bool) -> str:
-    """Upload a saved pipeline folder (without checkpoints, logs or per-epoch samples) from the main process."""
-    repo_id = create_repo(repo_id, token=token, private=private, exist_ok=True).repo_id
+def evaluation_results(metrics: dict) -> list[EvalResult]:
+    """The evaluator's accuracies as `model-index` entries, which the Hub shows on the model's page."""
+    return [
+        EvalResult(
+            task_type="text-to-image",
+            task_name="Label-conditioned image generation",
+            dataset_type="i-clevr",
+            dataset_name=f"i-CLEVR {split}.json",
+            dataset_split=split,
+            metric_type="accuracy",
+            metric_name="ResNet18 evaluator accuracy",
+            metric_value=round(metrics[split], 4),
+            metric_config=(
+                f"{metrics['scheduler']}, {metrics['num_inference_steps']} steps,"
+                f" guidance scale {metrics['guidance_scale']}"
+            ),
+        )
+        for split in ("test", "new_test")
+    ]
+
+
+def push(folder, repo_id: str, token: str | None, logging_dir: str = "logs") -> str:
+    """Upload a saved pipeline folder (without checkpoints, logs or per-epoch samples) to the repository that
+    `prepare_repo` created, from the main process."""
     upload_folder(
         repo_id=repo_id,
         folder_path=folder,
         token=token,
         commit_message="Upload CondDDPMPipeline",
-        ignore_patterns=IGNORE_PATTERNS,
+        ignore_patterns=[*IGNORE_PATTERNS, f"{logging_dir}/*"],
     )
     return f"https://huggingface.co/{repo_id}"
