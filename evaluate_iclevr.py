@@ -11,7 +11,6 @@ label file, how many of the k top-scoring objects (k = objects in the image's la
 divided by the total number of labels.
 """
 
-import argparse
 import json
 from pathlib import Path
 
@@ -148,11 +147,19 @@ def set_scheduler(pipeline: CondDDPMPipeline, name: str) -> None:
 
 
 def generate(
-    pipeline, label_sets, num_inference_steps, guidance_scale, seed=0, batch_size=64, callback_on_step_end=None
+    pipeline,
+    label_sets,
+    num_inference_steps,
+    guidance_scale,
+    seed=0,
+    batch_size=64,
+    callback_on_step_end=None,
+    desc="sampling",
 ) -> torch.Tensor:
     """8-bit images (B, 3, 64, 64), one per label set. Image i uses seed + i, so batching does not change it.
     `callback_on_step_end` goes to the pipeline (the training script's stops sampling through it)."""
     chunks = []
+    progress = tqdm(total=len(label_sets), desc=desc, unit="image", leave=False)
     for start in range(0, len(label_sets), batch_size):
         batch = label_sets[start : start + batch_size]
         generators = [torch.Generator(pipeline.device).manual_seed(seed + start + i) for i in range(len(batch))]
@@ -167,6 +174,8 @@ def generate(
         # Quantise where the pipeline's PNGs would, then upsample and quantise again for the 64x64 files.
         images = (images.float() * 255).round() / 255
         chunks.append(to_evaluator_pixels(images.cpu()))
+        progress.update(len(batch))
+    progress.close()
     return torch.cat(chunks)
 
 
@@ -205,7 +214,13 @@ def score(args):
     with staged_directory(args.output_dir, overwrite=args.overwrite_output_dir) as out:
         for split, label_sets in splits.items():
             images = generate(
-                pipeline, label_sets, args.num_inference_steps, args.guidance_scale, args.seed, args.batch_size
+                pipeline,
+                label_sets,
+                args.num_inference_steps,
+                args.guidance_scale,
+                args.seed,
+                args.batch_size,
+                desc=f"drawing {split}.json",
             )
             write_pngs(images, out / split)
             save_image(images.float() / 255, out / f"{split}_grid.png", nrow=8)
@@ -320,6 +335,7 @@ def denoise(args):
             frames.append((int(timestep), (tensors["image"][:1] / 2 + 0.5).clamp(0, 1)))
 
     generator = torch.Generator(args.device).manual_seed(args.seed)
+    pipeline.set_progress_bar_config(desc="denoising", unit="step")
     pipeline([labels], args.num_inference_steps, args.guidance_scale, generator=generator, callback_on_step_end=capture)
     tile = 128
     figure = Image.new("RGB", (tile * len(frames), tile + 16), "white")
@@ -338,39 +354,46 @@ def denoise(args):
 
 
 def parse_args(argv=None):
-    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name, help, label_files=False):
-        sub = commands.add_parser(name, help=help)
-        sub.add_argument("--objects_json", default=OBJECTS_JSON)
-        sub.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu")
+        sub = commands.add_parser(name, help=help, description=help, formatter_class=cli.HelpFormatter)
+        sub.add_argument("--objects_json", default=OBJECTS_JSON, help="object name -> index")
+        sub.add_argument(
+            "--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu", help="where to run"
+        )
         if label_files:
-            sub.add_argument("--test_json", default=TEST_JSON)
-            sub.add_argument("--new_test_json", default=NEW_TEST_JSON)
+            sub.add_argument("--test_json", default=TEST_JSON, help="the first file of label sets to draw")
+            sub.add_argument("--new_test_json", default=NEW_TEST_JSON, help="the second file of label sets to draw")
         return sub
 
     def sampling_flags(sub, steps):
         sub.add_argument("--pipeline", required=True, help="a folder saved by the training script")
-        sub.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=sorted(SCHEDULERS))
-        sub.add_argument("--num_inference_steps", type=cli.positive_int, default=steps)
-        sub.add_argument("--guidance_scale", type=cli.guidance_scale, default=DEFAULT_GUIDANCE_SCALE)
-        sub.add_argument("--seed", type=cli.seed, default=0)
+        sub.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=sorted(SCHEDULERS), help="the sampler")
+        sub.add_argument("--num_inference_steps", type=cli.positive_int, default=steps, help="sampling steps")
+        sub.add_argument(
+            "--guidance_scale",
+            type=cli.guidance_scale,
+            default=DEFAULT_GUIDANCE_SCALE,
+            help="classifier-free guidance weight (1 or less: off)",
+        )
+        sub.add_argument("--seed", type=cli.seed, default=0, help="image i of a label file is drawn with seed + i")
 
     sub = command("score", "generate test.json / new_test.json images and score them", label_files=True)
     sampling_flags(sub, steps=DEFAULT_NUM_INFERENCE_STEPS)
-    sub.add_argument("--evaluator_checkpoint", required=True)
-    sub.add_argument("--output_dir", required=True)
-    sub.add_argument("--overwrite_output_dir", action="store_true")
-    sub.add_argument("--batch_size", type=cli.positive_int, default=64)
+    sub.add_argument("--evaluator_checkpoint", required=True, help="ResNet18 evaluator ({'model': state_dict})")
+    sub.add_argument("--output_dir", required=True, help="where the PNGs, grids and metrics.json go")
+    sub.add_argument("--overwrite_output_dir", action="store_true", help="replace an existing --output_dir")
+    sub.add_argument("--batch_size", type=cli.positive_int, default=64, help="images per sampling batch")
 
     sub = command("rescore", "score the PNGs a `score` run wrote", label_files=True)
-    sub.add_argument("--output_dir", required=True)
-    sub.add_argument("--evaluator_checkpoint", required=True)
+    sub.add_argument("--output_dir", required=True, help="the --output_dir of the `score` run")
+    sub.add_argument("--evaluator_checkpoint", required=True, help="ResNet18 evaluator ({'model': state_dict})")
 
     sub = command("train", "train a ResNet18 evaluator on an i-CLEVR-style folder")
-    sub.add_argument("--train_data_dir", required=True)
-    sub.add_argument("--train_json", required=True)
+    sub.add_argument("--train_data_dir", required=True, help="the folder of images")
+    sub.add_argument("--train_json", required=True, help="file name -> list of object names")
     sub.add_argument("--output", required=True, help="where to save {'model': state_dict}")
     sub.add_argument(
         "--validation_fraction",
@@ -379,16 +402,16 @@ def parse_args(argv=None):
         help="scenes held out to measure accuracy",
     )
     sub.add_argument("--num_epochs", type=cli.positive_int, default=40, help="ResNet18 from scratch needs many steps")
-    sub.add_argument("--train_batch_size", type=cli.positive_int, default=64)
-    sub.add_argument("--learning_rate", type=cli.positive_float, default=2e-3)
-    sub.add_argument("--seed", type=cli.seed, default=0)
+    sub.add_argument("--train_batch_size", type=cli.positive_int, default=64, help="images per step")
+    sub.add_argument("--learning_rate", type=cli.positive_float, default=2e-3, help="the one-cycle schedule's peak")
+    sub.add_argument("--seed", type=cli.seed, default=0, help="seeds the weights, the split and the data order")
 
     sub = command("denoise", "draw the denoising process of one label set")
     sampling_flags(sub, steps=1000)
     sub.set_defaults(scheduler="ddpm")
     sub.add_argument("--labels", required=True, help='comma-separated object names, e.g. "red sphere,cyan cube"')
-    sub.add_argument("--num_frames", type=cli.positive_int, default=8)
-    sub.add_argument("--output", required=True)
+    sub.add_argument("--num_frames", type=cli.positive_int, default=8, help="steps drawn, evenly spaced")
+    sub.add_argument("--output", required=True, help="the PNG to write")
     return parser.parse_args(argv)
 
 

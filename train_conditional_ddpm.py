@@ -1,13 +1,13 @@
 """Train a label-conditioned DDPM (`CondDDPMPipeline`) on i-CLEVR with Accelerate, on any number of processes.
 
-    accelerate launch train_conditional_ddpm.py --output_dir runs/gpu        # the GPU recipe, built-in synthetic data
-    accelerate launch train_conditional_ddpm.py --recipe cpu --output_dir runs/cpu              # the CPU recipe
+    accelerate launch train_conditional_ddpm.py --output_dir runs/gpu               # gpu recipe, built-in synthetic set
+    accelerate launch train_conditional_ddpm.py --recipe cpu --output_dir runs/cpu  # cpu recipe, built-in synthetic set
     accelerate launch --config_file accelerate_config.yaml train_conditional_ddpm.py \\
         --train_data_dir iclevr/images --train_json train.json --objects_json objects.json --output_dir runs/iclevr
 
 The run ends with the pipeline (EMA weights with `--use_ema`) saved by `save_pretrained` in `--output_dir`, beside
 `checkpoint-N/` folders that `--resume_from_checkpoint latest` continues from, sample grids in `samples/` and
-tracker logs in `logs/`.
+tracker logs in `logs/` (`--logging_dir`).
 """
 
 import argparse
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, load, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, is_wandb_available, load, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from safetensors.torch import load_file
@@ -89,7 +89,13 @@ class Denoiser(nn.Module):
 def load_training_data(args):
     if args.dataset_name:
         return load_hub_dataset(
-            args.dataset_name, args.resolution, args.image_column, args.label_column, args.objects_json
+            args.dataset_name,
+            args.resolution,
+            args.image_column,
+            args.label_column,
+            args.objects_json,
+            config_name=args.dataset_config_name,
+            cache_dir=args.cache_dir,
         )
     if args.train_data_dir:
         return load_iclevr_dataset(args.train_data_dir, args.train_json, args.objects_json, args.resolution)
@@ -388,7 +394,9 @@ def make_accelerator(args, output_dir: Path) -> Accelerator:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.logger == "none" else args.logger,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
         # The same shuffle on every process (each takes its own shard of it), reproducible per epoch on resume.
         # non_blocking: with pinned batches (below), copying one to the GPU does not wait for the GPU to finish.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed, non_blocking=True),
@@ -616,9 +624,10 @@ def record_validation(args, accelerator, images, labels, evaluator, epoch, step)
     grid_dir.mkdir(exist_ok=True)
     save_image(images.float() / 255, grid_dir / f"epoch_{epoch:04d}.png", nrow=8)
     shutil.copyfile(grid_dir / f"epoch_{epoch:04d}.png", grid_dir / "latest.png")
+    as_hwc = images.permute(0, 2, 3, 1).cpu().numpy()  # 8-bit (N, H, W, 3): a list of images to every tracker
     for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_images("validation", images, step)
+        options = {"dataformats": "NHWC"} if tracker.name == "tensorboard" else {}
+        tracker.log_images({"validation": as_hwc}, step, **options)
     if evaluator is None:
         return None
     accuracy = evaluate(evaluator, images, labels)
@@ -659,20 +668,19 @@ def final_scores(args, pipeline, evaluator) -> dict:
     return scores
 
 
-def save_final(args, accelerator, pipeline, evaluator, global_step: int):
-    """Save the pipeline with its model card into `--output_dir` (and push it if asked)."""
+def save_final(args, accelerator, pipeline, evaluator, global_step: int, repo_id: str | None):
+    """Save the pipeline with its model card into `--output_dir` (and push it to `repo_id`, if given)."""
     output_dir = Path(args.output_dir)
     metrics = final_scores(args, pipeline, evaluator) if evaluator is not None else {}
     with staged_contents(output_dir, marker="model_index.json") as folder:
         pipeline.save_pretrained(folder)
-        location = args.hub_model_id if args.push_to_hub else str(output_dir.resolve())
+        location = repo_id or str(output_dir.resolve())
         settings = {**vars(args), "mixed_precision": accelerator.mixed_precision}
-        hub.write_model_card(
-            folder, pipeline, settings, metrics, output_dir / "samples" / "latest.png", global_step, location
-        )
+        grid = output_dir / "samples" / "latest.png"
+        hub.write_model_card(folder, pipeline, settings, metrics, grid, global_step, location, repo_id, args.hub_token)
     print(f"Pipeline saved to {output_dir}; samples in {output_dir / 'samples'}")
-    if args.push_to_hub:
-        url = hub.push(output_dir, args.hub_model_id or output_dir.name, args.hub_token, args.hub_private_repo)
+    if repo_id:
+        url = hub.push(output_dir, repo_id, args.hub_token, args.logging_dir)
         print(f"Pushed to {url}")
 
 
@@ -693,9 +701,10 @@ def train(args, held: ExitStack):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     check_cpu_threads(accelerator)
     set_seed(args.seed, device_specific=True)  # one seed per process, so noise differs across processes
+    repo_id = None
     if accelerator.is_main_process:
         if args.push_to_hub:  # fail now, not after hours of training
-            hub.check_access(args.hub_model_id or output_dir.name, args.hub_token)
+            repo_id = hub.prepare_repo(args.hub_model_id or output_dir.name, args.hub_token, args.hub_private_repo)
         held.enter_context(claim_folder(output_dir))  # before anything is written, so a second run writes nothing
         if args.overwrite_output_dir:
             clear_earlier_run(output_dir)
@@ -825,7 +834,8 @@ def train(args, held: ExitStack):
     if accelerator.is_main_process:
         with ema_weights(accelerator, denoiser, emas):
             scorer = evaluator if stop.received is None else None  # a stop request skips the final scores
-            save_final(args, accelerator, build_pipeline(accelerator, denoiser, noise_scheduler), scorer, global_step)
+            pipeline = build_pipeline(accelerator, denoiser, noise_scheduler)
+            save_final(args, accelerator, pipeline, scorer, global_step, repo_id)
     progress.close()
     accelerator.end_training()
     return output_dir
@@ -834,8 +844,8 @@ def train(args, held: ExitStack):
 # --- Command line: the defaults train the GPU model on real i-CLEVR-sized data ---------------------------------------
 
 
-def parse_args(argv=None):
-    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument(
         "--recipe",
         choices=sorted(RECIPES),
@@ -847,10 +857,12 @@ def parse_args(argv=None):
     data.add_argument("--train_json", help="file name -> list of object names")
     data.add_argument("--objects_json", default=str(OBJECTS_JSON), help="object name -> index")
     data.add_argument("--dataset_name", help="a Hub dataset, or a local save_to_disk / imagefolder path")
-    data.add_argument("--image_column", default="image")
+    data.add_argument("--dataset_config_name", help="the configuration of --dataset_name, if it has several")
+    data.add_argument("--cache_dir", help="where Hub datasets are downloaded (default: datasets' own cache)")
+    data.add_argument("--image_column", default="image", help="the image column of --dataset_name")
     data.add_argument("--label_column", default="objects", help="per image: a list of object names or ClassLabels")
     data.add_argument("--synthetic_scenes", type=cli.positive_int, help="size of the built-in set (3 images each)")
-    data.add_argument("--resolution", type=cli.resolution)
+    data.add_argument("--resolution", type=cli.resolution, help="images are resized to this square size")
     data.add_argument(
         "--random_flip",
         action=argparse.BooleanOptionalAction,
@@ -863,39 +875,55 @@ def parse_args(argv=None):
         help="show each image with two objects of one colour this many times per epoch (1: once, as every other"
         " image); new_test.json is mostly such pairs, train.json 11%%",
     )
-    data.add_argument("--dataloader_num_workers", type=cli.integer(0, 256))
+    data.add_argument("--dataloader_num_workers", type=cli.integer(0, 256), help="data loading processes (0: inline)")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--preset", choices=sorted(PRESETS))
-    model.add_argument("--ddpm_num_steps", type=cli.positive_int, default=1000)
+    model.add_argument("--preset", choices=sorted(PRESETS), help="the model size (PRESETS in pipeline_cond_ddpm.py)")
+    model.add_argument("--ddpm_num_steps", type=cli.positive_int, default=1000, help="diffusion steps in training")
     model.add_argument(
-        "--ddpm_beta_schedule", default="squaredcos_cap_v2", choices=["linear", "scaled_linear", "squaredcos_cap_v2"]
+        "--ddpm_beta_schedule",
+        default="squaredcos_cap_v2",
+        choices=["linear", "scaled_linear", "squaredcos_cap_v2"],
+        help="the noise schedule",
     )
-    model.add_argument("--prediction_type", choices=["epsilon", "v_prediction"])
+    model.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], help="what the UNet predicts")
     model.add_argument(
         "--condition_dropout", type=cli.probability, default=0.1, help="how often to train on the null label"
     )
     model.add_argument("--snr_gamma", type=cli.non_negative_float, help="min-SNR loss weighting; 0 turns it off")
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--train_batch_size", type=cli.positive_int, help="per process")
-    optim.add_argument("--num_epochs", type=cli.positive_int, default=300)
-    optim.add_argument("--max_train_steps", type=cli.positive_int, help="overrides --num_epochs")
-    optim.add_argument("--gradient_accumulation_steps", type=cli.positive_int, default=1)
-    optim.add_argument("--learning_rate", type=cli.positive_float)
+    optim.add_argument("--train_batch_size", type=cli.positive_int, help="images per step, per process")
+    optim.add_argument("--num_epochs", type=cli.positive_int, default=300, help="passes over the data")
+    optim.add_argument("--max_train_steps", type=cli.positive_int, help="optimisation steps; overrides --num_epochs")
     optim.add_argument(
-        "--lr_scheduler", default="cosine", choices=["linear", "cosine", "constant", "constant_with_warmup"]
+        "--gradient_accumulation_steps", type=cli.positive_int, default=1, help="batches summed per optimiser step"
     )
-    optim.add_argument("--lr_warmup_steps", type=cli.non_negative_int)
-    optim.add_argument("--adam_beta1", type=cli.probability, default=0.9)
-    optim.add_argument("--adam_beta2", type=cli.probability, default=0.999)
-    optim.add_argument("--adam_weight_decay", type=cli.non_negative_float, default=0.0)
-    optim.add_argument("--adam_epsilon", type=cli.positive_float, default=1e-8)
-    optim.add_argument("--max_grad_norm", type=cli.non_negative_float, default=1.0, help="0 turns clipping off")
-    optim.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True)
-    optim.add_argument("--ema_inv_gamma", type=cli.positive_float, default=1.0)
-    optim.add_argument("--ema_power", type=cli.positive_float, default=3 / 4)
-    optim.add_argument("--ema_max_decay", type=cli.number(0, 1), default=0.9999)
+    optim.add_argument("--learning_rate", type=cli.positive_float, help="AdamW's peak learning rate")
+    optim.add_argument(
+        "--lr_scheduler",
+        default="cosine",
+        choices=["linear", "cosine", "constant", "constant_with_warmup"],
+        help="the learning-rate schedule after warm-up",
+    )
+    optim.add_argument("--lr_warmup_steps", type=cli.non_negative_int, help="steps of linear learning-rate warm-up")
+    optim.add_argument("--adam_beta1", type=cli.probability, default=0.9, help="AdamW's first-moment decay")
+    optim.add_argument("--adam_beta2", type=cli.probability, default=0.999, help="AdamW's second-moment decay")
+    optim.add_argument(
+        "--adam_weight_decay", type=cli.non_negative_float, default=0.0, help="AdamW's decoupled weight decay"
+    )
+    optim.add_argument("--adam_epsilon", type=cli.positive_float, default=1e-8, help="AdamW's denominator epsilon")
+    optim.add_argument(
+        "--max_grad_norm", type=cli.non_negative_float, default=1.0, help="gradient clipping norm; 0 turns it off"
+    )
+    optim.add_argument(
+        "--use_ema", action=argparse.BooleanOptionalAction, default=True, help="keep and save EMA weights"
+    )
+    optim.add_argument(
+        "--ema_inv_gamma", type=cli.positive_float, default=1.0, help="EMA warm-up: inverse multiplicative factor"
+    )
+    optim.add_argument("--ema_power", type=cli.positive_float, default=3 / 4, help="EMA warm-up: exponential factor")
+    optim.add_argument("--ema_max_decay", type=cli.number(0, 1), default=0.9999, help="the EMA decay it warms up to")
     optim.add_argument(
         "--mixed_precision",
         choices=["no", "fp16", "bf16"],
@@ -911,34 +939,60 @@ def parse_args(argv=None):
     )
 
     run = parser.add_argument_group("checkpoints, logging, samples")
-    run.add_argument("--output_dir", default="cond-ddpm-iclevr")
-    run.add_argument("--overwrite_output_dir", action="store_true")
-    run.add_argument("--checkpointing_steps", type=cli.positive_int)
-    run.add_argument("--checkpoints_total_limit", type=cli.positive_int, default=None)
-    run.add_argument("--resume_from_checkpoint", help='a checkpoint folder, or "latest"')
-    run.add_argument("--logger", default="tensorboard", choices=["tensorboard", "wandb", "none"])
-    run.add_argument("--logging_steps", type=cli.positive_int, default=50)
-    run.add_argument("--save_images_epochs", type=cli.positive_int)
-    run.add_argument("--num_validation_images", type=cli.positive_int, default=32)
-    run.add_argument("--eval_batch_size", type=cli.positive_int, default=64)
-    run.add_argument("--validation_scheduler", default=DEFAULT_SCHEDULER, choices=sorted(SCHEDULERS))
+    run.add_argument("--output_dir", default="cond-ddpm-iclevr", help="the pipeline, checkpoints, samples and logs")
+    run.add_argument("--overwrite_output_dir", action="store_true", help="train into a non-empty --output_dir")
+    run.add_argument(
+        "--checkpointing_steps", type=cli.non_negative_int, help="save the training state every N steps; 0: never"
+    )
+    run.add_argument(
+        "--checkpoints_total_limit", type=cli.positive_int, default=None, help="keep only the newest N checkpoints"
+    )
+    run.add_argument(
+        "--resume_from_checkpoint",
+        help='"latest", a checkpoint folder, or the name of one inside --output_dir (e.g. checkpoint-2000)',
+    )
+    run.add_argument(
+        "--logger", default="tensorboard", choices=["tensorboard", "wandb", "none"], help="the experiment tracker"
+    )
+    run.add_argument("--logging_dir", default="logs", help="the tracker's folder, inside --output_dir")
+    run.add_argument("--logging_steps", type=cli.positive_int, default=50, help="log the mean loss every N steps")
+    run.add_argument("--save_images_epochs", type=cli.positive_int, help="draw validation samples every N epochs")
+    run.add_argument(
+        "--num_validation_images", type=cli.positive_int, default=32, help="held-out label sets drawn each time"
+    )
+    run.add_argument("--eval_batch_size", type=cli.positive_int, default=64, help="images per sampling batch")
+    run.add_argument(
+        "--validation_scheduler", default=DEFAULT_SCHEDULER, choices=sorted(SCHEDULERS), help="sampler for samples"
+    )
     run.add_argument(
         "--ddpm_num_inference_steps",
         type=cli.positive_int,
         default=DEFAULT_NUM_INFERENCE_STEPS,
         help="sampling steps for samples",
     )
-    run.add_argument("--guidance_scale", type=cli.guidance_scale, default=DEFAULT_GUIDANCE_SCALE)
+    run.add_argument(
+        "--guidance_scale",
+        type=cli.guidance_scale,
+        default=DEFAULT_GUIDANCE_SCALE,
+        help="classifier-free guidance for samples",
+    )
     run.add_argument("--evaluator_checkpoint", help="ResNet18 evaluator ({'model': state_dict}) for accuracy")
 
     hub_args = parser.add_argument_group("Hugging Face Hub")
-    hub_args.add_argument("--push_to_hub", action="store_true")
-    hub_args.add_argument("--hub_model_id", help="default: the --output_dir folder name")
-    hub_args.add_argument("--hub_private_repo", action="store_true")
+    hub_args.add_argument("--push_to_hub", action="store_true", help="upload the trained pipeline and its card")
+    hub_args.add_argument("--hub_model_id", help="the repository (default: the --output_dir folder name)")
+    hub_args.add_argument("--hub_private_repo", action="store_true", help="create the repository private")
     hub_args.add_argument("--hub_token", help="default: the token of `hf auth login` or HF_TOKEN")
-
     parser.set_defaults(**RECIPES[DEFAULT_RECIPE])
-    parser.set_defaults(**RECIPES[parser.parse_known_args(argv)[0].recipe])
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    # The recipe first (without --help, so that `--recipe cpu --help` shows the cpu recipe's defaults).
+    recipe = argparse.ArgumentParser(add_help=False)
+    recipe.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE)
+    parser.set_defaults(**RECIPES[recipe.parse_known_args(argv)[0].recipe])
     args = parser.parse_args(argv)
     check_args(parser, args)
     return args
@@ -965,16 +1019,28 @@ def check_args(parser, args):
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         parser.error(f"--output_dir {output_dir} exists and is not a folder")
-    occupied = output_dir.is_dir() and any(p.name not in ("logs", LOCK_NAME) for p in output_dir.iterdir())
+    occupied = output_dir.is_dir() and any(p.name not in (args.logging_dir, LOCK_NAME) for p in output_dir.iterdir())
     if occupied and not (args.overwrite_output_dir or args.resume_from_checkpoint):
         parser.error(
             f"--output_dir {output_dir} is not empty; pass --resume_from_checkpoint latest to continue its run,"
             " --overwrite_output_dir to replace it, or choose another folder"
         )
-    if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
-        parser.error(f"--resume_from_checkpoint {args.resume_from_checkpoint} is neither a folder nor 'latest'")
+    if args.resume_from_checkpoint not in (None, "latest"):
+        args.resume_from_checkpoint = str(checkpoint_folder(parser, args.resume_from_checkpoint, output_dir))
+    if args.logger == "wandb" and not is_wandb_available():
+        parser.error("--logger wandb needs wandb: pip install wandb (or choose --logger tensorboard)")
     if args.evaluator_checkpoint and not Path(args.evaluator_checkpoint).is_file():
         parser.error(f"--evaluator_checkpoint {args.evaluator_checkpoint} does not exist")
+
+
+def checkpoint_folder(parser, name: str, output_dir: Path) -> Path:
+    """A checkpoint given as a folder, or as a name inside --output_dir (`checkpoint-2000`), as diffusers takes it."""
+    for folder in (Path(name), output_dir / name):
+        if folder.is_dir():
+            return folder
+    parser.error(
+        f"--resume_from_checkpoint {name} is neither a folder, nor one in --output_dir {output_dir}, nor 'latest'"
+    )
 
 
 def entry_point():

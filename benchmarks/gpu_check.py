@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from launch import one_process_training_command  # noqa: E402
 from throughput import bare_loop, in_own_process, logged_images_per_second  # noqa: E402
 
+from cond_ddpm import cli  # noqa: E402
 from cond_ddpm.atomic_io import atomic_write_text  # noqa: E402
 from train_conditional_ddpm import parse_args  # noqa: E402
 
@@ -132,11 +133,14 @@ def markdown(summary: dict) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument("--results_dir", required=True, help="a new (or empty) folder for everything the check writes")
     parser.add_argument("--quick", action="store_true", help="quality.py --quick: the tiny preset, on a CPU too")
     parser.add_argument(
-        "--minutes", type=float, default=9.0, help="the call's limit: the fp16 run is skipped if it would pass it"
+        "--minutes",
+        type=cli.positive_float,
+        default=9.0,
+        help="the call's limit: the fp16 run is skipped if it would pass it",
     )
     args = parser.parse_args()
     results_dir = Path(args.results_dir)

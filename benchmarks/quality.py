@@ -14,7 +14,6 @@ image per label set, scored by the evaluator, with the default sampler, once per
 noisy (a few objects either way), so the summary is the mean over `--num_seeds` seeds, with each seed's score.
 """
 
-import argparse
 import json
 import subprocess
 import sys
@@ -112,7 +111,7 @@ def rendered_references(
 
 
 def main():
-    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument("--recipe", default="cpu", choices=sorted(RECIPES), help="a recipe of cond_ddpm/recipes.py")
     parser.add_argument(
         "--quick", action="store_true", help="the tiny preset for 60 steps of 16 images: checks every step"
@@ -129,9 +128,13 @@ def main():
         "--num_seeds", type=cli.positive_int, default=3, help="score every label file with seeds 0, 1, ..."
     )
     parser.add_argument("--output_dir", help="default: runs/quality-RECIPE")
-    parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=sorted(SCHEDULERS))
-    parser.add_argument("--num_inference_steps", type=cli.positive_int, default=DEFAULT_NUM_INFERENCE_STEPS)
-    parser.add_argument("--guidance_scale", type=cli.guidance_scale, default=DEFAULT_GUIDANCE_SCALE)
+    parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=sorted(SCHEDULERS), help="the sampler")
+    parser.add_argument(
+        "--num_inference_steps", type=cli.positive_int, default=DEFAULT_NUM_INFERENCE_STEPS, help="sampling steps"
+    )
+    parser.add_argument(
+        "--guidance_scale", type=cli.guidance_scale, default=DEFAULT_GUIDANCE_SCALE, help="guidance weight"
+    )
     args = parser.parse_args()
     recipe = RECIPES[args.recipe]
     if recipe["mixed_precision"] != "no" and not (torch.cuda.is_available() or args.quick or args.score_only):

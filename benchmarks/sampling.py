@@ -8,7 +8,6 @@ For each setting: the time to generate the 32 label sets of test.json, and the e
 new_test.json, and the fewest steps that lose no accuracy against 1000-step DDPM.
 """
 
-import argparse
 import json
 import sys
 import time
@@ -30,14 +29,16 @@ GUIDANCE_SCALES = [1.0, 2.0, 3.0, 5.0]
 
 
 def main():
-    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pipeline", required=True)
-    parser.add_argument("--evaluator_checkpoint", required=True)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    parser.add_argument("--pipeline", required=True, help="a folder saved by the training script")
+    parser.add_argument("--evaluator_checkpoint", required=True, help="ResNet18 evaluator ({'model': state_dict})")
     parser.add_argument(
         "--seeds", type=cli.seed, nargs="+", default=[0], help="several seeds average out the 32-image noise"
     )
-    parser.add_argument("--splits", nargs="+", default=["test", "new_test"], choices=["test", "new_test"])
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--splits", nargs="+", default=["test", "new_test"], choices=["test", "new_test"], help="label files to draw"
+    )
+    parser.add_argument("--quick", action="store_true", help="two samplers at two guidance scales only")
     parser.add_argument("--output", help="also write the results as JSON here")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -13,7 +13,6 @@ images/s, read from its own logs, is compared with the bare loop's in the same s
 process of its own, so its peak memory is its own.
 """
 
-import argparse
 import itertools
 import json
 import resource
@@ -129,9 +128,11 @@ def logged_images_per_second(output_dir) -> float:
 
 
 def main():
-    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--presets", nargs="+", choices=["tiny", "gpu"], default=["tiny", "gpu"])
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the tiny preset for a few steps: checks every setting")
+    parser.add_argument(
+        "--presets", nargs="+", choices=["tiny", "gpu"], default=["tiny", "gpu"], help="the model sizes to time"
+    )
     parser.add_argument("--output", default=None, help="also write the results as JSON here")
     args = parser.parse_args()
     on_gpu = torch.cuda.is_available()

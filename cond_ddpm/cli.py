@@ -24,6 +24,10 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n(see `{self.prog} --help` for every flag)\n")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` keeps the description's layout (its example commands) and shows every flag's default."""
+
+
 def _checked(convert, test, requirement):
     def parse(text):
         try:

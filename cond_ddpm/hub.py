@@ -11,9 +11,8 @@ from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_
 from huggingface_hub import EvalResult, ModelCard, create_repo, upload_folder, whoami
 from jinja2 import Template
 
-from pipeline_cond_ddpm import HUB_TAGS, usage_snippet
-
 from cond_ddpm.atomic_io import LOCK_NAME
+from pipeline_cond_ddpm import HUB_TAGS, usage_snippet
 
 # A training run's folder also holds checkpoints, logs and per-epoch samples: none of that belongs on the Hub.
 IGNORE_PATTERNS = ["checkpoint-*", ".incomplete-*", LOCK_NAME, "best/*", "samples/*"]

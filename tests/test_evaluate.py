@@ -1,6 +1,7 @@
 """evaluate_iclevr.py: the course's metric, the official checkpoint format, scoring, re-scoring, training, figures."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -162,6 +163,8 @@ def test_score_keeps_an_existing_output_unless_told(tmp_path, tiny_pipeline_dir,
     score(tiny_pipeline_dir, evaluator_checkpoint, out, "--overwrite_output_dir")
     assert "test" in json.loads((out / "metrics.json").read_text())
     assert not list(tmp_path.glob(".incomplete-*"))
+    shown = capsys.readouterr().err
+    assert re.search(r"drawing test\.json: .*/32 ", shown) and re.search(r"drawing new_test\.json: .*/32 ", shown)
 
 
 def test_denoise_draws_the_process(tmp_path, tiny_pipeline_dir, capsys):
@@ -184,7 +187,8 @@ def test_denoise_draws_the_process(tmp_path, tiny_pipeline_dir, capsys):
     )
     with Image.open(tmp_path / "denoise.png") as figure:
         assert figure.size == (4 * 128, 128 + 16)
-    assert "t = [" in capsys.readouterr().out
+    shown = capsys.readouterr()
+    assert "t = [" in shown.out and re.search(r"denoising: 100%.* 10/10 ", shown.err)
 
 
 def test_train_command_saves_an_evaluator_in_the_official_format(tmp_path, synthetic_dir, class_names):

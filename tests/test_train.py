@@ -13,6 +13,7 @@ import torch
 from accelerate import PartialState
 from conftest import ROOT, assert_same_weights, load_weights, run_python, training_args
 
+import train_conditional_ddpm
 from pipeline_cond_ddpm import CondDDPMPipeline
 
 
@@ -67,17 +68,64 @@ def load_weights_of(folder):
     return load_file(folder / "diffusion_pytorch_model.safetensors")
 
 
-def test_resume_latest_continues_from_the_saved_step_to_the_same_weights(uninterrupted_run, tmp_path):
+def test_resume_continues_from_the_saved_step_to_the_same_weights(uninterrupted_run, tmp_path):
+    """Resumed as diffusers' scripts are, by a checkpoint's name inside --output_dir (found from any directory)."""
     output_dir, args, _ = uninterrupted_run
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
     shutil.copytree(output_dir / "checkpoint-6", resumed_dir / "checkpoint-6")
     resumed_args = [str(resumed_dir) if a == str(output_dir) else a for a in args]
-    result = run_python("train_conditional_ddpm.py", *resumed_args, "--resume_from_checkpoint", "latest")
+    result = run_python("train_conditional_ddpm.py", *resumed_args, "--resume_from_checkpoint", "checkpoint-6")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from {resumed_dir / 'checkpoint-6'} at step 6" in result.stderr
     assert_same_weights(resumed_dir / "checkpoint-8", output_dir / "checkpoint-8")  # raw weights
     assert_same_weights(resumed_dir, output_dir)  # the saved EMA weights
+
+
+def test_checkpointing_steps_zero_turns_checkpoints_off(tmp_path, synthetic_dir):
+    args = train_conditional_ddpm.parse_args(training_args(tmp_path / "run", synthetic_dir, "--checkpointing_steps", 0))
+    assert args.checkpointing_steps == 0
+
+
+def test_a_missing_checkpoint_is_named(tmp_path, synthetic_dir, capsys):
+    (tmp_path / "run").mkdir()
+    with pytest.raises(SystemExit):
+        train_conditional_ddpm.parse_args(
+            training_args(tmp_path / "run", synthetic_dir, "--resume_from_checkpoint", "checkpoint-9")
+        )
+    assert (
+        "--resume_from_checkpoint checkpoint-9 is neither a folder, nor one in --output_dir" in capsys.readouterr().err
+    )
+
+
+def test_wandb_without_wandb_installed_fails_before_training(tmp_path, synthetic_dir, monkeypatch, capsys):
+    monkeypatch.setattr(train_conditional_ddpm, "is_wandb_available", lambda: False)
+    with pytest.raises(SystemExit):
+        train_conditional_ddpm.parse_args(training_args(tmp_path / "run", synthetic_dir, "--logger", "wandb"))
+    assert "error: --logger wandb needs wandb: pip install wandb" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+class FakeTracker:
+    def __init__(self, name):
+        self.name, self.images = name, []
+
+    def log_images(self, values, step, **options):
+        self.images.append((values, step, options))
+
+
+def test_validation_samples_go_to_every_active_tracker(tmp_path):
+    trackers = [FakeTracker("wandb"), FakeTracker("tensorboard")]
+    accelerator = SimpleNamespace(trackers=trackers)
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    args = SimpleNamespace(output_dir=str(tmp_path))
+    train_conditional_ddpm.record_validation(args, accelerator, images, None, None, epoch=0, step=7)
+    for tracker in trackers:
+        (values, step, _), *more = tracker.images
+        assert step == 7 and not more
+        assert [image.shape for image in values["validation"]] == [(8, 8, 3)] * 4, tracker.name
+    assert trackers[1].images[0][2] == {"dataformats": "NHWC"}
+    assert (tmp_path / "samples" / "latest.png").is_file()
 
 
 def test_two_process_gloo_run_ends_with_identical_weights(tmp_path, synthetic_dir):
@@ -170,8 +218,6 @@ def test_a_launch_whose_processes_run_alone_is_refused(tmp_path, synthetic_dir):
 
 @pytest.mark.parametrize("threads, warned", [(1, True), (4, False)])
 def test_idle_cpu_cores_are_pointed_out(monkeypatch, caplog, threads, warned):
-    import train_conditional_ddpm
-
     PartialState()
     monkeypatch.setattr(train_conditional_ddpm.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     monkeypatch.setattr(train_conditional_ddpm.torch, "get_num_threads", lambda: threads)
