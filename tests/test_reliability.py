@@ -394,7 +394,7 @@ SWEEP = [
     ),
     ("train", ["--train_data_dir", "somewhere"], "--train_data_dir and --train_json go together"),
     ("train", ["--output_dir", "NONEMPTY"], "is not empty; pass --resume_from_checkpoint latest"),
-    ("train", ["--resume_from_checkpoint", "no/such/checkpoint"], "is neither a folder nor 'latest'"),
+    ("train", ["--resume_from_checkpoint", "no/such/checkpoint"], "is neither a folder, nor one in --output_dir"),
     ("train", ["--evaluator_checkpoint", "no/such.pth"], "--evaluator_checkpoint no/such.pth does not exist"),
     ("train", ["DATA:missing-image"], "lists 'b.png', but .*b.png does not exist"),
     ("train", ["DATA:unknown-name"], "unknown object name 'red cone'; did you mean 'red cube'"),
