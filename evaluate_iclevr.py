@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 from torchvision.models import resnet18
-from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from cond_ddpm import cli
@@ -36,6 +35,7 @@ from cond_ddpm.data import (
     split_by_scene,
     with_training_transform,
 )
+from cond_ddpm.grids import save_captioned_grid
 from pipeline_cond_ddpm import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_NUM_INFERENCE_STEPS,
@@ -223,7 +223,7 @@ def score(args):
                 desc=f"drawing {split}.json",
             )
             write_pngs(images, out / split)
-            save_image(images.float() / 255, out / f"{split}_grid.png", nrow=8)
+            save_captioned_grid(out / f"{split}_grid.png", images, label_sets)
             metrics[split] = score_folder(evaluator, out / split, label_sets, class_names)
         metrics.update(
             num_inference_steps=args.num_inference_steps,

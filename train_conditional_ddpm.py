@@ -32,13 +32,13 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from safetensors.torch import load_file
 from torch import nn
-from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from cond_ddpm import cli, hub
 from cond_ddpm.atomic_io import (
     INCOMPLETE_PREFIX,
     LOCK_NAME,
+    atomic_write,
     atomic_write_text,
     claim_folder,
     staged_contents,
@@ -55,6 +55,7 @@ from cond_ddpm.data import (
     read_label_sets,
     repeat_same_colour_pairs,
 )
+from cond_ddpm.grids import save_captioned_grid
 from cond_ddpm.recipes import DEFAULT_RECIPE, RECIPES
 from evaluate_iclevr import evaluate, generate, load_evaluator, set_scheduler
 from pipeline_cond_ddpm import (
@@ -618,31 +619,24 @@ def sample(args, pipeline, label_sets, callback_on_step_end=None) -> torch.Tenso
     )
 
 
-def record_validation(args, accelerator, images, labels, evaluator, epoch, step):
-    """Save and log the sample grid; return the evaluator's accuracy on it (None without an evaluator)."""
+def validate(args, accelerator, pipeline, label_sets, evaluator, epoch, step, best_accuracy, stop) -> float:
+    """Sample the held-out validation label sets into a captioned grid, and score them if an evaluator is given:
+    a new best accuracy saves the pipeline to `best/`. Returns the best accuracy so far. A stop request ends the
+    sampling (`StopRequested`)."""
+    images = sample(args, pipeline, label_sets, stop.check_during_sampling)
     grid_dir = Path(args.output_dir) / "samples"
-    grid_dir.mkdir(exist_ok=True)
-    save_image(images.float() / 255, grid_dir / f"epoch_{epoch:04d}.png", nrow=8)
-    shutil.copyfile(grid_dir / f"epoch_{epoch:04d}.png", grid_dir / "latest.png")
+    grid = save_captioned_grid(grid_dir / f"epoch_{epoch:04d}.png", images, label_sets)
+    atomic_write(grid_dir / "latest.png", lambda temporary: shutil.copyfile(grid, temporary))
     as_hwc = images.permute(0, 2, 3, 1).cpu().numpy()  # 8-bit (N, H, W, 3): a list of images to every tracker
     for tracker in accelerator.trackers:
         options = {"dataformats": "NHWC"} if tracker.name == "tensorboard" else {}
         tracker.log_images({"validation": as_hwc}, step, **options)
     if evaluator is None:
-        return None
-    accuracy = evaluate(evaluator, images, labels)
+        return best_accuracy
+    accuracy = evaluate(evaluator, images, multi_hot(label_sets, pipeline.class_names))
     accelerator.log({"validation_accuracy": accuracy}, step=step)
-    logger.info(f"epoch {epoch}: accuracy on {len(labels)} held-out label sets {accuracy:.4f}")
-    return accuracy
-
-
-def validate(args, accelerator, pipeline, validation_labels, evaluator, epoch, step, best_accuracy, stop) -> float:
-    """Samples of the held-out validation labels, and their accuracy if an evaluator is given: a new best saves the
-    pipeline to `best/`. Returns the best accuracy so far. A stop request ends the sampling (`StopRequested`)."""
-    images = sample(args, pipeline, validation_labels, stop.check_during_sampling)
-    labels = multi_hot(validation_labels, pipeline.class_names)
-    accuracy = record_validation(args, accelerator, images, labels, evaluator, epoch, step)
-    if accuracy is None or accuracy <= best_accuracy:
+    logger.info(f"epoch {epoch}: accuracy on {len(label_sets)} held-out label sets {accuracy:.4f}")
+    if accuracy <= best_accuracy:
         return best_accuracy
     best = Path(args.output_dir) / "best"
     with staged_directory(best, overwrite=True) as folder:

@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, Features, Image, List, load_dataset, load_from_disk
 from PIL import Image as PILImage
-from PIL import ImageDraw
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from cond_ddpm import cli, hub
-from cond_ddpm.atomic_io import atomic_write, staged_directory
+from cond_ddpm.atomic_io import staged_directory
+from cond_ddpm.grids import save_captioned_grid
 from cond_ddpm.render import RENDERER_VERSION, random_scene, render_scene
 from pipeline_cond_ddpm import multi_hot
 
@@ -335,17 +335,8 @@ def preview(dataset_dir, output, num_images: int = 12, columns: int = 3, tile: i
     if not isinstance(labels_by_file, dict):
         raise ValueError(f"{dataset_dir / 'train.json'} must map image file names to lists of object names")
     entries = list(labels_by_file.items())[:num_images]
-    rows = -(-len(entries) // columns)
-    height, line_height = tile * 3 // 4, 14  # the frames are 4:3; up to three caption lines under each
-    sheet = PILImage.new("RGB", (columns * tile, rows * (height + 3 * line_height)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, (file_name, labels) in enumerate(entries):
-        x, y = (i % columns) * tile, (i // columns) * (height + 3 * line_height)
-        sheet.paste(open_rgb(dataset_dir / "images" / file_name).resize((tile, height)), (x, y))
-        for line, label in enumerate(labels):
-            draw.text((x + 4, y + height + 1 + line_height * line), label, fill="black")
-    atomic_write(output, lambda temporary: sheet.save(temporary, format="PNG"))
-    return Path(output)
+    images = [open_rgb(dataset_dir / "images" / file_name) for file_name, _ in entries]
+    return save_captioned_grid(output, images, [labels for _, labels in entries], columns, tile)
 
 
 def push(dataset_dir, repo_id: str, private: bool = False, token: str | None = None):

@@ -11,6 +11,7 @@ from torch import nn
 from torchvision.models import resnet18
 
 from cond_ddpm.data import NEW_TEST_JSON, TEST_JSON, read_label_sets
+from cond_ddpm.grids import captioned_grid
 from evaluate_iclevr import (
     DEFAULT_SCHEDULER,
     accuracy,
@@ -117,7 +118,11 @@ def test_score_writes_images_grids_and_metrics_that_rescore_exactly(
         assert sorted(p.name for p in (out / split).iterdir()) == sorted(f"{i}.png" for i in range(count))
         with Image.open(out / split / "0.png") as image:
             assert image.size == (64, 64)  # generated at 16x16, upsampled before saving
-        assert (out / f"{split}_grid.png").is_file()
+        # The grid shows each image with its label set under it.
+        label_sets = read_label_sets(label_file, class_names)
+        with Image.open(out / f"{split}_grid.png") as grid:
+            expected = captioned_grid([Image.open(out / split / f"{i}.png") for i in range(count)], label_sets)
+            assert np.array_equal(np.asarray(grid), np.asarray(expected))
     # Anyone re-scoring the PNGs gets exactly the numbers in metrics.json.
     rescored = main(
         ["rescore", "--output_dir", str(out), "--evaluator_checkpoint", str(evaluator_checkpoint), "--device", "cpu"]

@@ -12,8 +12,10 @@ import pytest
 import torch
 from accelerate import PartialState
 from conftest import ROOT, assert_same_weights, load_weights, run_python, training_args
+from PIL import Image
 
 import train_conditional_ddpm
+from cond_ddpm.grids import LINE_HEIGHT
 from pipeline_cond_ddpm import CondDDPMPipeline
 
 
@@ -44,7 +46,8 @@ def test_a_run_saves_a_pipeline_that_loads_and_samples(uninterrupted_run):
     pipeline = CondDDPMPipeline.from_pretrained(output_dir)
     images = pipeline([["red cube", "blue sphere"]], num_inference_steps=2, output_type="pt").images
     assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
-    assert (output_dir / "samples" / "latest.png").is_file()
+    with Image.open(output_dir / "samples" / "latest.png") as grid:  # 4 images, their label sets written under them
+        assert grid.size[0] == 4 * 128 and grid.size[1] - 128 in (LINE_HEIGHT, 2 * LINE_HEIGHT, 3 * LINE_HEIGHT)
     assert list((output_dir / "logs").rglob("events.out.tfevents.*")), "tensorboard logs"
 
 
