@@ -662,6 +662,20 @@ def final_scores(args, pipeline, evaluator) -> dict:
     return scores
 
 
+def sampling_command(folder: Path) -> str:
+    """A one-line command that draws a scene from a saved pipeline with plain diffusers and the default sampler."""
+    make_sampler = SCHEDULERS[DEFAULT_SCHEDULER]
+    sampler = getattr(make_sampler, "func", make_sampler).__self__.__name__  # a from_config, or a partial of one
+    options = "".join(f", {key}={value!r}" for key, value in getattr(make_sampler, "keywords", {}).items())
+    code = (
+        f"import torch, diffusers; pipe = diffusers.DiffusionPipeline.from_pretrained({str(folder)!r},"
+        f" trust_remote_code=True); pipe.scheduler = diffusers.{sampler}.from_config(pipe.scheduler.config{options});"
+        f" pipe([['red cube', 'blue sphere']], {DEFAULT_NUM_INFERENCE_STEPS}, {DEFAULT_GUIDANCE_SCALE},"
+        " generator=torch.manual_seed(0)).images[0].save('scene.png')"
+    )
+    return f'python -c "{code}"'
+
+
 def save_final(args, accelerator, pipeline, evaluator, global_step: int, repo_id: str | None):
     """Save the pipeline with its model card into `--output_dir` (and push it to `repo_id`, if given)."""
     output_dir = Path(args.output_dir)
@@ -672,7 +686,8 @@ def save_final(args, accelerator, pipeline, evaluator, global_step: int, repo_id
         settings = {**vars(args), "mixed_precision": accelerator.mixed_precision}
         grid = output_dir / "samples" / "latest.png"
         hub.write_model_card(folder, pipeline, settings, metrics, grid, global_step, location, repo_id, args.hub_token)
-    print(f"Pipeline saved to {output_dir}; samples in {output_dir / 'samples'}")
+    print(f"Pipeline saved to {output_dir}; its latest sample grid is {grid}")
+    print(f"Draw a scene with it (plain diffusers): {sampling_command(output_dir)}")
     if repo_id:
         url = hub.push(output_dir, repo_id, args.hub_token, args.logging_dir)
         print(f"Pushed to {url}")

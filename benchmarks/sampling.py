@@ -1,7 +1,7 @@
 """Sampling speed against accuracy: schedulers and step counts, each with several guidance scales, same model and seeds.
 
     python benchmarks/sampling.py --pipeline runs/small --evaluator_checkpoint runs/evaluator/evaluator.pth
-    python benchmarks/sampling.py ... --quick      # DPM-Solver++ 10 and 20 steps, guidance 1 and 3
+    python benchmarks/sampling.py ... --quick      # the default sampler and DPM-Solver++ 10, guidance 1 and default
     python benchmarks/sampling.py ... --splits test   # half the time: score test.json only
 
 For each setting: the time to generate the 32 label sets of test.json, and the evaluator's accuracy on test.json and
@@ -22,10 +22,16 @@ from cond_ddpm import cli  # noqa: E402
 from cond_ddpm.atomic_io import atomic_write_text  # noqa: E402
 from cond_ddpm.data import NEW_TEST_JSON, TEST_JSON, read_label_sets, read_objects_json  # noqa: E402
 from evaluate_iclevr import evaluate, generate, load_evaluator, load_pipeline, set_scheduler  # noqa: E402
-from pipeline_cond_ddpm import multi_hot  # noqa: E402
+from pipeline_cond_ddpm import (  # noqa: E402
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_NUM_INFERENCE_STEPS,
+    DEFAULT_SCHEDULER,
+    multi_hot,
+)
 
-SAMPLERS = [("ddpm", 1000), ("ddim", 50), ("dpm++", 25), ("dpm++", 20), ("dpm++", 10), ("euler-a", 25)]
-GUIDANCE_SCALES = [1.0, 2.0, 3.0, 5.0]
+DEFAULT_SAMPLER = (DEFAULT_SCHEDULER, DEFAULT_NUM_INFERENCE_STEPS)
+SAMPLERS = [("ddpm", 1000), ("ddim", 50), ("dpm++", 25), ("dpm++", 20), ("dpm++", 10), DEFAULT_SAMPLER]
+GUIDANCE_SCALES = sorted({1.0, 2.0, 3.0, 5.0, DEFAULT_GUIDANCE_SCALE})
 
 
 def main():
@@ -47,7 +53,8 @@ def main():
     evaluator = load_evaluator(args.evaluator_checkpoint, len(class_names), device)
     label_files = {"test": TEST_JSON, "new_test": NEW_TEST_JSON}
     splits = {name: read_label_sets(label_files[name], class_names) for name in args.splits}
-    samplers, scales = ([("dpm++", 20), ("dpm++", 10)], [1.0, 3.0]) if args.quick else (SAMPLERS, GUIDANCE_SCALES)
+    quick = ([DEFAULT_SAMPLER, ("dpm++", 10)], [1.0, DEFAULT_GUIDANCE_SCALE])
+    samplers, scales = quick if args.quick else (SAMPLERS, GUIDANCE_SCALES)
 
     rows = []
     for (scheduler, steps), guidance in [(s, g) for s in samplers for g in scales]:

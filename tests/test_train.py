@@ -51,6 +51,24 @@ def test_a_run_saves_a_pipeline_that_loads_and_samples(uninterrupted_run):
     assert list((output_dir / "logs").rglob("events.out.tfevents.*")), "tensorboard logs"
 
 
+def test_the_run_ends_with_a_command_that_samples_from_the_saved_pipeline(uninterrupted_run, tmp_path):
+    output_dir, _, result = uninterrupted_run
+    command = result.stdout.split("Draw a scene with it (plain diffusers): ")[1].splitlines()[0]
+    assert command.startswith('python -c "') and command.endswith('"')
+    sampled = run_python("-c", command[len('python -c "') : -1], cwd=tmp_path)
+    assert sampled.returncode == 0, sampled.stderr[-3000:]
+    with Image.open(tmp_path / "scene.png") as scene:
+        assert scene.size == (16, 16)
+
+
+@pytest.mark.parametrize("recipe", ["gpu", "cpu"])
+def test_training_and_from_preset_agree_on_the_prediction_type(recipe, class_names):
+    import train_conditional_ddpm
+
+    trained = train_conditional_ddpm.parse_args(["--recipe", recipe]).prediction_type
+    assert CondDDPMPipeline.from_preset("tiny", class_names, 16).scheduler.config.prediction_type == trained
+
+
 def test_checkpoints_total_limit_prunes_the_oldest(uninterrupted_run):
     output_dir, _, _ = uninterrupted_run
     assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]
