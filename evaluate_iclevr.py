@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 from torch import nn
 from torchvision.models import resnet18
 from tqdm.auto import tqdm
@@ -337,16 +337,9 @@ def denoise(args):
     generator = torch.Generator(args.device).manual_seed(args.seed)
     pipeline.set_progress_bar_config(desc="denoising", unit="step")
     pipeline([labels], args.num_inference_steps, args.guidance_scale, generator=generator, callback_on_step_end=capture)
-    tile = 128
-    figure = Image.new("RGB", (tile * len(frames), tile + 16), "white")
-    draw = ImageDraw.Draw(figure)
-    for i, (timestep, image) in enumerate(frames):
-        array = (
-            F.interpolate(image.float().cpu(), size=tile, mode="nearest")[0].permute(1, 2, 0).mul(255).round().byte()
-        )
-        figure.paste(Image.fromarray(array.numpy()), (i * tile, 0))
-        draw.text((i * tile + 4, tile + 2), f"t={timestep}", fill="black")
-    atomic_write(args.output, lambda temporary: figure.save(temporary, format="PNG"))
+    captions = [[f"t={timestep}", *labels] for timestep, _ in frames]
+    images = [image[0].mul(255).round().byte().cpu() for _, image in frames]
+    save_captioned_grid(args.output, images, captions, columns=len(frames))
     print(f"denoising of {labels} at t = {[t for t, _ in frames]} drawn to {args.output}")
 
 

@@ -66,14 +66,15 @@ HUB_TAGS = ["cond-ddpm", "i-clevr", "class-conditional", "ddpm", "classifier-fre
 
 def usage_snippet(location: str) -> str:
     """Python that loads the pipeline at `location` (a Hub id or folder) with plain diffusers and draws two scenes
-    with the project's default sampler, steps and guidance: what a model card shows."""
+    with the project's default sampler, steps and guidance: what a model card shows. Its strings are all in double
+    quotes, so that it also runs as `python -c '...'` (the line the training script prints at the end)."""
     make_scheduler = SCHEDULERS[DEFAULT_SCHEDULER]
     scheduler_class = getattr(make_scheduler, "func", make_scheduler).__self__.__name__
     options = "".join(f", {key}={value!r}" for key, value in getattr(make_scheduler, "keywords", {}).items())
     return f"""import torch
 from diffusers import DiffusionPipeline, {scheduler_class}
 
-pipe = DiffusionPipeline.from_pretrained({location!r}, trust_remote_code=True)
+pipe = DiffusionPipeline.from_pretrained({json.dumps(location)}, trust_remote_code=True)
 pipe.scheduler = {scheduler_class}.from_config(pipe.scheduler.config{options})
 labels = [["red cube", "blue sphere"], ["gray cylinder", "yellow sphere", "cyan cube"]]
 steps, guidance, generator = {DEFAULT_NUM_INFERENCE_STEPS}, {DEFAULT_GUIDANCE_SCALE}, torch.Generator().manual_seed(0)

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import shutil
 import signal
 import time
@@ -30,6 +31,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, is_wandb_available, load, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
+from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -66,6 +68,7 @@ from pipeline_cond_ddpm import (
     SCHEDULERS,
     CondDDPMPipeline,
     multi_hot,
+    usage_snippet,
 )
 
 logger = get_logger(__name__)
@@ -627,10 +630,11 @@ def validate(args, accelerator, pipeline, label_sets, evaluator, epoch, step, be
     grid_dir = Path(args.output_dir) / "samples"
     grid = save_captioned_grid(grid_dir / f"epoch_{epoch:04d}.png", images, label_sets)
     atomic_write(grid_dir / "latest.png", lambda temporary: shutil.copyfile(grid, temporary))
-    as_hwc = images.permute(0, 2, 3, 1).cpu().numpy()  # 8-bit (N, H, W, 3): a list of images to every tracker
+    with Image.open(grid) as picture:  # the captioned grid, as one 8-bit (1, H, W, 3) image, to every tracker
+        captioned = np.asarray(picture)[None]
     for tracker in accelerator.trackers:
         options = {"dataformats": "NHWC"} if tracker.name == "tensorboard" else {}
-        tracker.log_images({"validation": as_hwc}, step, **options)
+        tracker.log_images({"validation": captioned}, step, **options)
     if evaluator is None:
         return best_accuracy
     accuracy = evaluate(evaluator, images, multi_hot(label_sets, pipeline.class_names))
@@ -663,17 +667,10 @@ def final_scores(args, pipeline, evaluator) -> dict:
 
 
 def sampling_command(folder: Path) -> str:
-    """A one-line command that draws a scene from a saved pipeline with plain diffusers and the default sampler."""
-    make_sampler = SCHEDULERS[DEFAULT_SCHEDULER]
-    sampler = getattr(make_sampler, "func", make_sampler).__self__.__name__  # a from_config, or a partial of one
-    options = "".join(f", {key}={value!r}" for key, value in getattr(make_sampler, "keywords", {}).items())
-    code = (
-        f"import torch, diffusers; pipe = diffusers.DiffusionPipeline.from_pretrained({str(folder)!r},"
-        f" trust_remote_code=True); pipe.scheduler = diffusers.{sampler}.from_config(pipe.scheduler.config{options});"
-        f" pipe([['red cube', 'blue sphere']], {DEFAULT_NUM_INFERENCE_STEPS}, {DEFAULT_GUIDANCE_SCALE},"
-        " generator=torch.manual_seed(0)).images[0].save('scene.png')"
-    )
-    return f'python -c "{code}"'
+    """The model card's usage snippet as one shell line: it draws scene.png from the saved pipeline with plain
+    diffusers and the default sampler."""
+    statements = "; ".join(line for line in usage_snippet(str(folder)).splitlines() if line)
+    return f"python -c {shlex.quote(statements)}"
 
 
 def save_final(args, accelerator, pipeline, evaluator, global_step: int, repo_id: str | None):

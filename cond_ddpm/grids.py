@@ -1,7 +1,7 @@
 """Image grids with each image's label set written under it, so a reader can see whether the labels were followed.
 
-Every grid the project writes comes from here: training samples, `evaluate_iclevr.py score` grids, the model card's
-picture (a copy of the training samples) and `python -m cond_ddpm.data preview`.
+Every grid the project writes comes from here: training samples (the files and TensorBoard's), the model card's
+picture (a copy of the training samples), `evaluate_iclevr.py score` and `denoise`, `python -m cond_ddpm.data preview`.
 """
 
 from pathlib import Path

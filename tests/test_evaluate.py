@@ -11,7 +11,7 @@ from torch import nn
 from torchvision.models import resnet18
 
 from cond_ddpm.data import NEW_TEST_JSON, TEST_JSON, read_label_sets
-from cond_ddpm.grids import captioned_grid
+from cond_ddpm.grids import LINE_HEIGHT, captioned_grid
 from evaluate_iclevr import (
     DEFAULT_SCHEDULER,
     accuracy,
@@ -190,8 +190,11 @@ def test_denoise_draws_the_process(tmp_path, tiny_pipeline_dir, capsys):
             "cpu",
         ]
     )
-    with Image.open(tmp_path / "denoise.png") as figure:
-        assert figure.size == (4 * 128, 128 + 16)
+    with Image.open(tmp_path / "denoise.png") as figure:  # each frame captioned with its timestep and the labels
+        assert figure.size == (4 * 128, 128 + 4 * LINE_HEIGHT)
+        captions = np.asarray(figure)[128:, :128]
+    for line in range(4):
+        assert (captions[line * LINE_HEIGHT : (line + 1) * LINE_HEIGHT] < 128).any(), line
     shown = capsys.readouterr()
     assert "t = [" in shown.out and re.search(r"denoising: 100%.* 10/10 ", shown.err)
 

@@ -2,17 +2,20 @@
 
 import logging
 import os
+import shlex
 import shutil
 import socket
 import subprocess
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from accelerate import PartialState
 from conftest import ROOT, assert_same_weights, load_weights, run_python, training_args
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train_conditional_ddpm
 from cond_ddpm.grids import LINE_HEIGHT
@@ -48,14 +51,19 @@ def test_a_run_saves_a_pipeline_that_loads_and_samples(uninterrupted_run):
     assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
     with Image.open(output_dir / "samples" / "latest.png") as grid:  # 4 images, their label sets written under them
         assert grid.size[0] == 4 * 128 and grid.size[1] - 128 in (LINE_HEIGHT, 2 * LINE_HEIGHT, 3 * LINE_HEIGHT)
-    assert list((output_dir / "logs").rglob("events.out.tfevents.*")), "tensorboard logs"
+        width, height = grid.size
+    # The model card and TensorBoard show that captioned grid too.
+    assert (output_dir / "sample_grid.png").read_bytes() == (output_dir / "samples" / "latest.png").read_bytes()
+    logged = EventAccumulator(str(output_dir / "logs" / "cond_ddpm")).Reload().Images("validation")
+    assert {(image.width, image.height) for image in logged} == {(width, height)}
 
 
 def test_the_run_ends_with_a_command_that_samples_from_the_saved_pipeline(uninterrupted_run, tmp_path):
     output_dir, _, result = uninterrupted_run
     command = result.stdout.split("Draw a scene with it (plain diffusers): ")[1].splitlines()[0]
-    assert command.startswith('python -c "') and command.endswith('"')
-    sampled = run_python("-c", command[len('python -c "') : -1], cwd=tmp_path)
+    python, flag, code = shlex.split(command)
+    assert (python, flag) == ("python", "-c")
+    sampled = run_python("-c", code, cwd=tmp_path)
     assert sampled.returncode == 0, sampled.stderr[-3000:]
     with Image.open(tmp_path / "scene.png") as scene:
         assert scene.size == (16, 16)
@@ -135,18 +143,21 @@ class FakeTracker:
         self.images.append((values, step, options))
 
 
-def test_validation_samples_go_to_every_active_tracker(tmp_path):
+def test_validation_samples_go_to_every_active_tracker_as_the_captioned_grid(tmp_path, monkeypatch):
     trackers = [FakeTracker("wandb"), FakeTracker("tensorboard")]
     accelerator = SimpleNamespace(trackers=trackers)
     images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
-    args = SimpleNamespace(output_dir=str(tmp_path))
-    train_conditional_ddpm.record_validation(args, accelerator, images, None, None, epoch=0, step=7)
+    monkeypatch.setattr(train_conditional_ddpm, "sample", lambda args, pipeline, label_sets, callback: images)
+    args, stop = SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(check_during_sampling=None)
+    label_sets = [["red cube"], ["blue sphere", "green cube"], ["gray cube"], ["cyan cylinder"]]
+    train_conditional_ddpm.validate(args, accelerator, None, label_sets, None, 0, 7, 0.0, stop)
+    with Image.open(tmp_path / "samples" / "latest.png") as grid:
+        captioned = np.asarray(grid)
     for tracker in trackers:
         (values, step, _), *more = tracker.images
         assert step == 7 and not more
-        assert [image.shape for image in values["validation"]] == [(8, 8, 3)] * 4, tracker.name
+        assert len(values["validation"]) == 1 and np.array_equal(values["validation"][0], captioned), tracker.name
     assert trackers[1].images[0][2] == {"dataformats": "NHWC"}
-    assert (tmp_path / "samples" / "latest.png").is_file()
 
 
 def test_two_process_gloo_run_ends_with_identical_weights(tmp_path, synthetic_dir):
