@@ -143,14 +143,15 @@ class FakeTracker:
         self.images.append((values, step, options))
 
 
-def test_validation_samples_go_to_every_active_tracker_as_the_captioned_grid(tmp_path, monkeypatch):
+def test_validation_samples_go_to_every_active_tracker_as_the_captioned_grid(tmp_path, monkeypatch, class_names):
     trackers = [FakeTracker("wandb"), FakeTracker("tensorboard")]
     accelerator = SimpleNamespace(trackers=trackers)
     images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
     monkeypatch.setattr(train_conditional_ddpm, "sample", lambda args, pipeline, label_sets, callback: images)
     args, stop = SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(check_during_sampling=None)
     label_sets = [["red cube"], ["blue sphere", "green cube"], ["gray cube"], ["cyan cylinder"]]
-    train_conditional_ddpm.validate(args, accelerator, None, label_sets, None, 0, 7, 0.0, stop)
+    pipeline = SimpleNamespace(class_names=class_names)
+    train_conditional_ddpm.validate(args, accelerator, pipeline, label_sets, None, 0, 7, 0.0, stop)
     with Image.open(tmp_path / "samples" / "latest.png") as grid:
         captioned = np.asarray(grid)
     for tracker in trackers:
