@@ -7,11 +7,16 @@ objects that never occur together in the training labels.
     python benchmarks/quality.py --recipe gpu             # on a GPU: the GPU recipe at 64x64
     python benchmarks/quality.py --quick                  # every step, on a budget of a few minutes
     python benchmarks/quality.py --score_only --guidance_scale 5   # re-score the trained model at another guidance
+    python benchmarks/quality.py --output_dir runs/quality-repeats1 -- --same_colour_repeats 1   # a variant: flags
+                                                          # after -- go to the training script, on top of the recipe
+    python benchmarks/quality.py --score_only --label_files held_out_like_test held_out_like_new_test   # choosing
 
 Steps: (1) the built-in synthetic set and an evaluator trained on it (`evaluate_iclevr.py train`), unless
 `--evaluator_checkpoint` is given; (2) `accelerate launch train_conditional_ddpm.py --recipe NAME`, timed; (3) one
 image per label set, scored by the evaluator, with the default sampler, once per seed: one draw of 32 images is
 noisy (a few objects either way), so the summary is the mean over `--num_seeds` seeds, with each seed's score.
+Settings are chosen on the held-out label sets alone (`--label_files held_out_like_test held_out_like_new_test`);
+test.json and new_test.json are scored once the choice is made.
 """
 
 import json
@@ -58,6 +63,7 @@ from pipeline_cond_ddpm import (  # noqa: E402
     multi_hot,
 )
 
+LABEL_FILES = ("test", "new_test", "held_out_like_test", "held_out_like_new_test", "unseen_triples")
 QUICK = {
     "scenes": 300,
     # fp32 and one loader worker whatever the recipe says: bf16 convolutions crawl on a CPU without bf16 units.
@@ -110,6 +116,13 @@ def rendered_references(
     return torch.cat(images)
 
 
+def split_at_double_dash(argv: list[str]) -> tuple[list[str], list[str]]:
+    """This script's flags, and those after `--`, which go to the training script on top of the recipe's."""
+    if "--" not in argv:
+        return argv, []
+    return argv[: argv.index("--")], argv[argv.index("--") + 1 :]
+
+
 def main():
     parser = cli.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument("--recipe", default="cpu", choices=sorted(RECIPES), help="a recipe of cond_ddpm/recipes.py")
@@ -135,7 +148,22 @@ def main():
     parser.add_argument(
         "--guidance_scale", type=cli.guidance_scale, default=DEFAULT_GUIDANCE_SCALE, help="guidance weight"
     )
-    args = parser.parse_args()
+    parser.add_argument(
+        "--label_files",
+        nargs="+",
+        choices=LABEL_FILES,
+        default=list(LABEL_FILES),
+        help="the label sets to score: choose settings on the held_out_like ones only",
+    )
+    own_flags, training_flags = split_at_double_dash(sys.argv[1:])
+    args = parser.parse_args(own_flags)
+    if training_flags and args.score_only:
+        parser.error(f"--score_only trains nothing: the flags after -- ({' '.join(training_flags)}) are unused")
+    if training_flags and not args.output_dir:
+        parser.error(
+            f"the training flags after -- ({' '.join(training_flags)}) change the recipe: name the run's folder with"
+            " --output_dir, so that it does not overwrite the recipe's own"
+        )
     recipe = RECIPES[args.recipe]
     if recipe["mixed_precision"] != "no" and not (torch.cuda.is_available() or args.quick or args.score_only):
         parser.error(
@@ -155,6 +183,7 @@ def main():
     flags = (
         ["--recipe", args.recipe, "--seed", str(args.seed)]
         + (QUICK["flags"] if args.quick else [])
+        + training_flags
         + ["--train_data_dir", str(data / "images"), "--train_json", str(data / "train.json")]
     )
     class_names = read_objects_json()
@@ -189,7 +218,11 @@ def main():
             one_process_training_command(*flags, "--output_dir", output_dir / "pipeline", "--overwrite_output_dir"),
             check=True,
         )
-        training = {"recipe": name, "flags": flags, "training_minutes": (time.perf_counter() - start) / 60}
+        training = {
+            "recipe": " ".join([name, *training_flags]),
+            "flags": flags,
+            "training_minutes": (time.perf_counter() - start) / 60,
+        }
         atomic_write_text(training_record, json.dumps(training, indent=2) + "\n")
     training = json.loads(training_record.read_text())
 
@@ -199,13 +232,14 @@ def main():
     evaluator = load_evaluator(evaluator_path, len(class_names), device)
     test, new_test = read_label_sets(TEST_JSON, class_names), read_label_sets(NEW_TEST_JSON, class_names)
     reserved = {frozenset(label_set) for label_set in test + new_test}
-    label_files = {
+    every_label_file = {
         "test": test,
         "new_test": new_test,
         "held_out_like_test": held_out_like(test, reserved, seed=1),
         "held_out_like_new_test": held_out_like(new_test, reserved, seed=2),
         "unseen_triples": unseen_triples(data / "train.json", class_names),
     }
+    label_files = {split: sets for split, sets in every_label_file.items() if split in args.label_files}
     per_seed = {split: [] for split in label_files}
     renders = {split: [] for split in label_files}
     for split, label_sets in label_files.items():
@@ -227,14 +261,16 @@ def main():
         "rendered_references": renders,
     }
     tag = f"{args.scheduler}-{args.num_inference_steps}-guidance{args.guidance_scale:g}"
+    if len(label_files) < len(LABEL_FILES):  # a subset keeps its own file, beside a full scoring of the same sampler
+        tag += "-" + "+".join(label_files)
     atomic_write_text(output_dir / f"results-{tag}.json", json.dumps(result, indent=2) + "\n")
 
     def cells(scores_per_seed):
         return " | ".join(f"{np.mean(v):.3f} ({', '.join(f'{x:.3f}' for x in v)})" for v in scores_per_seed.values())
 
     print(
-        "\n| images | training minutes | test | new_test | held out like test | held out like new_test | unseen triples"
-        f" | sampler |  (mean of {args.num_seeds} seeds; each seed's in brackets)\n|---|---|---|---|---|---|---|---|"
+        f"\n| images | training minutes | {' | '.join(split.replace('_', ' ') for split in label_files)} | sampler |"
+        f"  (mean of {args.num_seeds} seeds; each seed's in brackets)\n|---|---|{'---|' * len(label_files)}---|"
     )
     print(f"| {training['recipe']} | {training['training_minutes']:.1f} | {cells(per_seed)} | {sampler} |")
     print(f"| the renderer's own scenes (the evaluator's ceiling) | | {cells(renders)} | |")

@@ -53,3 +53,23 @@ def test_the_gpu_check_refuses_a_cpu_without_quick_and_a_used_results_folder(tmp
     result = run_python("benchmarks/gpu_check.py", "--results_dir", tmp_path / "used", "--quick")
     assert result.returncode == 2 and f"--results_dir {tmp_path / 'used'} is not empty" in result.stderr
     assert (tmp_path / "used" / "earlier").is_dir()
+
+
+def test_flags_after_a_double_dash_go_to_the_training_script_and_need_a_folder_of_their_own(
+    quality, monkeypatch, capsys
+):
+    assert quality.split_at_double_dash(["--seed", "1", "--", "--same_colour_repeats", "1"]) == (
+        ["--seed", "1"],
+        ["--same_colour_repeats", "1"],
+    )
+    assert quality.split_at_double_dash(["--seed", "1"]) == (["--seed", "1"], [])
+    for argv, expected in [
+        (["--", "--same_colour_repeats", "1"], "name the run's folder with --output_dir"),
+        (["--score_only", "--output_dir", "/nonexistent", "--", "--max_train_steps", "9"], "are unused"),
+    ]:
+        monkeypatch.setattr(sys, "argv", ["quality.py", *argv])
+        with pytest.raises(SystemExit) as stopped:
+            quality.main()
+        assert stopped.value.code == 2
+        message = capsys.readouterr().err
+        assert expected in message and argv[-2] in message
