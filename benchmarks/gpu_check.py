@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from launch import one_process_training_command  # noqa: E402
+from quality import LABEL_FILES  # noqa: E402
 from throughput import bare_loop, in_own_process, logged_images_per_second  # noqa: E402
 
 from cond_ddpm import cli  # noqa: E402
@@ -39,7 +40,6 @@ from cond_ddpm.atomic_io import atomic_write_text  # noqa: E402
 from train_conditional_ddpm import parse_args  # noqa: E402
 
 QUALITY = Path(__file__).resolve().parent / "quality.py"
-SPLITS = ("test", "new_test", "held_out_like_test", "held_out_like_new_test", "unseen_triples")
 FP16_STEPS = 100
 FP16_MINUTES = 1.5  # what the fp16 run needs: start-up, data, its steps
 
@@ -115,9 +115,9 @@ def markdown(summary: dict) -> str:
         f" (torch {summary['versions']['torch']}, CUDA {summary['versions']['cuda']},"
         f" diffusers {summary['versions']['diffusers']}, accelerate {summary['versions']['accelerate']})",
         "",
-        "| " + " | ".join(SPLITS) + " |",
-        "|" + "---|" * len(SPLITS),
-        "| " + " | ".join(f"{scores[split]:.3f}" for split in SPLITS) + " |",
+        "| " + " | ".join(LABEL_FILES) + " |",
+        "|" + "---|" * len(LABEL_FILES),
+        "| " + " | ".join(f"{scores[split]:.3f}" for split in LABEL_FILES) + " |",
         "",
         f"Mean of {summary['seeds']} sampling seeds ({summary['sampler']}); evaluator held-out accuracy"
         f" {summary['evaluator_held_out_accuracy']}. Training: {summary['training_minutes']:.1f} minutes"
@@ -185,7 +185,7 @@ def main():
             for key in ("preset", "resolution", "train_batch_size", "max_train_steps", "learning_rate")
         }
         | {"mixed_precision": settings.mixed_precision},
-        "scores": {split: result[split] for split in SPLITS},
+        "scores": {split: result[split] for split in LABEL_FILES},
         "per_seed": result["per_seed"],
         "rendered_references": result["rendered_references"],
         "seeds": result["seeds"],
