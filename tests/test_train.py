@@ -116,6 +116,20 @@ def test_checkpointing_steps_zero_turns_checkpoints_off(tmp_path, synthetic_dir)
     assert args.checkpointing_steps == 0
 
 
+def test_an_output_dir_holding_only_a_nested_logging_dir_counts_as_empty(tmp_path, synthetic_dir, capsys):
+    (tmp_path / "run" / "tracking" / "tensorboard").mkdir(parents=True)
+    args = train_conditional_ddpm.parse_args(
+        training_args(tmp_path / "run", synthetic_dir, "--logging_dir", "tracking/tensorboard")
+    )
+    assert args.logging_dir == "tracking/tensorboard"
+    (tmp_path / "run" / "model_index.json").write_text("{}")  # anything else still makes it a used folder
+    with pytest.raises(SystemExit):
+        train_conditional_ddpm.parse_args(
+            training_args(tmp_path / "run", synthetic_dir, "--logging_dir", "tracking/tensorboard")
+        )
+    assert "is not empty" in capsys.readouterr().err
+
+
 def test_a_missing_checkpoint_is_named(tmp_path, synthetic_dir, capsys):
     (tmp_path / "run").mkdir()
     with pytest.raises(SystemExit):
