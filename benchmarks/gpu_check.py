@@ -110,6 +110,7 @@ def versions() -> dict:
 
 def markdown(summary: dict) -> str:
     scores, speed = summary["scores"], summary["throughput"]
+    seeds = "one sampling seed" if summary["seeds"] == 1 else f"the mean of {summary['seeds']} sampling seeds"
     lines = [
         f"GPU check of the `gpu` recipe, {summary['versions']['date']}, {summary['versions']['device']}"
         f" (torch {summary['versions']['torch']}, CUDA {summary['versions']['cuda']},"
@@ -119,7 +120,7 @@ def markdown(summary: dict) -> str:
         "|" + "---|" * len(LABEL_FILES),
         "| " + " | ".join(f"{scores[split]:.3f}" for split in LABEL_FILES) + " |",
         "",
-        f"Mean of {summary['seeds']} sampling seeds ({summary['sampler']}); evaluator held-out accuracy"
+        f"Accuracy: {seeds} ({summary['sampler']}); evaluator held-out accuracy"
         f" {summary['evaluator_held_out_accuracy']}. Training: {summary['training_minutes']:.1f} minutes"
         f" (start-up included) for {summary['settings']['max_train_steps']} steps of"
         f" {summary['settings']['train_batch_size']} ({summary['settings']['mixed_precision']}).",
