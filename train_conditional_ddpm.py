@@ -1025,6 +1025,8 @@ def check_args(parser, args):
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         parser.error(f"--output_dir {output_dir} exists and is not a folder")
+    if not Path(args.logging_dir).parts:
+        parser.error(f"--logging_dir {args.logging_dir!r} must name a folder inside --output_dir, such as logs")
     logs = Path(args.logging_dir).parts[0]  # a nested --logging_dir (a/b) lives in the folder `a`
     occupied = output_dir.is_dir() and any(p.name not in (logs, LOCK_NAME) for p in output_dir.iterdir())
     if occupied and not (args.overwrite_output_dir or args.resume_from_checkpoint):

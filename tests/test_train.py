@@ -128,6 +128,12 @@ def test_an_output_dir_holding_only_a_nested_logging_dir_counts_as_empty(tmp_pat
             training_args(tmp_path / "run", synthetic_dir, "--logging_dir", "tracking/tensorboard")
         )
     assert "is not empty" in capsys.readouterr().err
+    for no_folder in ["", "."]:
+        with pytest.raises(SystemExit):
+            train_conditional_ddpm.parse_args(
+                training_args(tmp_path / "other", synthetic_dir, "--logging_dir", no_folder)
+            )
+        assert f"--logging_dir {no_folder!r} must name a folder" in capsys.readouterr().err
 
 
 def test_a_missing_checkpoint_is_named(tmp_path, synthetic_dir, capsys):
