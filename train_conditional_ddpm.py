@@ -15,10 +15,12 @@ import errno
 import json
 import logging
 import math
+import multiprocessing
 import os
 import shlex
 import shutil
 import signal
+import threading
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -408,6 +410,24 @@ def make_accelerator(args, output_dir: Path) -> Accelerator:
     )
 
 
+def leave_stopping_to_the_main_process(worker_id: int):
+    """A DataLoader worker's `worker_init_fn`. Ctrl-C, `timeout`, `kill -- -PGID` and Slurm signal every process of a
+    job, and a worker killed by that makes the main process crash instead of stopping with a checkpoint
+    (`StopRequest`). So workers ignore SIGINT, and take SIGTERM from the main process only: it sends one to end them
+    as it exits. (torch's own worker handler draws the same line, but dies of anyone else's SIGTERM.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "sigwaitinfo"):  # Linux; macOS and Windows keep torch's handler
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on inherit the block
+        threading.Thread(target=exit_on_sigterm_from_the_main_process, name="sigterm-filter", daemon=True).start()
+
+
+def exit_on_sigterm_from_the_main_process():
+    main_process = multiprocessing.parent_process().pid  # not os.getppid(): under forkserver that is the server
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != main_process:
+        pass
+    os._exit(0)
+
+
 def make_dataloader(args, accelerator, dataset) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(
         dataset,
@@ -416,6 +436,7 @@ def make_dataloader(args, accelerator, dataset) -> torch.utils.data.DataLoader:
         drop_last=True,
         num_workers=args.dataloader_num_workers,
         persistent_workers=args.dataloader_num_workers > 0,
+        worker_init_fn=leave_stopping_to_the_main_process,
         # A copy from pageable memory makes the CPU wait until the GPU has run every queued kernel, once per step.
         pin_memory=accelerator.device.type == "cuda",
         # Its own generator: creating a loader must not draw from the global RNG that noise and flips use,

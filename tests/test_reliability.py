@@ -31,7 +31,7 @@ from train_conditional_ddpm import check_finite, find_checkpoints, parse_args, s
 # --- Pre-emption and exact resume ------------------------------------------------------------------------------------
 
 
-def start_training(args):
+def start_training(args, **popen_options):
     return subprocess.Popen(
         [sys.executable, "train_conditional_ddpm.py", *args],
         cwd=ROOT,
@@ -39,6 +39,7 @@ def start_training(args):
         stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        **popen_options,
     )
 
 
@@ -77,6 +78,19 @@ def test_sigterm_saves_a_checkpoint_and_resuming_matches_an_uninterrupted_run(tm
     assert f"at step {stopped_at}" in resumed.stderr
     assert_same_weights(interrupted / "checkpoint-40", tmp_path / "straight" / "checkpoint-40")
     assert_same_weights(interrupted, tmp_path / "straight")
+
+
+@pytest.mark.parametrize("stop_signal", ["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_whole_process_group_stops_with_a_checkpoint(tmp_path, synthetic_dir, stop_signal):
+    """Ctrl-C, `timeout` and `kill -- -PGID` reach the data loading workers too, not only the training process."""
+    args = training_args(tmp_path, synthetic_dir, "--max_train_steps", 4000, "--dataloader_num_workers", 1)
+    process = start_training(args, start_new_session=True)
+    wait_for(process, r"steps:\s+\d+%.*\| [1-9]\d*/4000")
+    os.killpg(process.pid, getattr(signal, stop_signal))
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-3000:]
+    step = int(re.search(r"stop requested: checkpoint-(\d+) saved", output).group(1))
+    assert (tmp_path / f"checkpoint-{step}" / "training_state.json").is_file()
 
 
 def test_sigterm_stops_a_two_process_run_cleanly(tmp_path, synthetic_dir):
