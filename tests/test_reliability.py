@@ -655,6 +655,14 @@ def test_a_full_disk_removes_the_partial_checkpoint_and_says_what_it_needs(
     assert train_conditional_ddpm.checkpoint_damage(output_dir / "checkpoint-2") is None
 
 
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler, as in a terminal: a shell starts background jobs with SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def stop_during_validation(monkeypatch, signals):
     """Send `signals` to this process at the third UNet call of validation sampling; return the count of calls."""
     from diffusers import UNet2DModel
@@ -679,6 +687,7 @@ LONG_VALIDATION += ["--validation_scheduler", "ddpm"]
 LONG_VALIDATION += ["--ddpm_num_inference_steps", 1000, "--checkpointing_steps", 1000]
 
 
+@pytest.mark.usefixtures("python_sigint")
 def test_a_stop_during_validation_sampling_ends_it_and_saves_a_checkpoint(tmp_path, synthetic_dir, monkeypatch):
     calls = stop_during_validation(monkeypatch, [signal.SIGINT])
     assert (
@@ -691,6 +700,7 @@ def test_a_stop_during_validation_sampling_ends_it_and_saves_a_checkpoint(tmp_pa
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+@pytest.mark.usefixtures("python_sigint")
 def test_a_second_signal_stops_at_once(tmp_path, synthetic_dir, monkeypatch):
     calls = stop_during_validation(monkeypatch, [signal.SIGINT, signal.SIGINT])
     with pytest.raises(KeyboardInterrupt):
