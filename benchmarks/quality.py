@@ -10,6 +10,7 @@ objects that never occur together in the training labels.
     python benchmarks/quality.py --output_dir runs/quality-repeats1 -- --same_colour_repeats 1   # a variant: flags
                                                           # after -- go to the training script, on top of the recipe
     python benchmarks/quality.py --score_only --label_files held_out_like_test held_out_like_new_test   # choosing
+    python benchmarks/quality.py --recipe gpu --max_train_minutes 3 --score_checkpoints   # accuracy against minutes
 
 Steps: (1) the built-in synthetic set and an evaluator trained on it (`evaluate_iclevr.py train`), unless
 `--evaluator_checkpoint` is given; (2) `accelerate launch train_conditional_ddpm.py --recipe NAME`, timed; (3) one
@@ -17,9 +18,17 @@ image per label set, scored by the evaluator, with the default sampler, once per
 noisy (a few objects either way), so the summary is the mean over `--num_seeds` seeds, with each seed's score.
 Settings are chosen on the held-out label sets alone (`--label_files held_out_like_test held_out_like_new_test`);
 test.json and new_test.json are scored once the choice is made.
+
+`--max_train_minutes` stops the training by the clock, the way a scheduler ends a job: SIGTERM, after which the script
+saves a checkpoint at its next step; the newest checkpoint's EMA weights are then scored. `--score_checkpoints` also
+scores every saved checkpoint on the held-out label sets (seed 0): accuracy against training minutes. The results file
+is rewritten after each label file is scored, so a run cut short keeps what it measured.
 """
 
+import fcntl
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -36,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 from launch import one_process_training_command  # noqa: E402
 
 from cond_ddpm import cli  # noqa: E402
-from cond_ddpm.atomic_io import atomic_write_text  # noqa: E402
+from cond_ddpm.atomic_io import LOCK_NAME, atomic_write_text  # noqa: E402
 from cond_ddpm.data import (  # noqa: E402
     NEW_TEST_JSON,
     TEST_JSON,
@@ -60,6 +69,7 @@ from pipeline_cond_ddpm import (  # noqa: E402
     DEFAULT_NUM_INFERENCE_STEPS,
     DEFAULT_SCHEDULER,
     SCHEDULERS,
+    CondDDPMPipeline,
     multi_hot,
 )
 
@@ -116,6 +126,47 @@ def rendered_references(
     return torch.cat(images)
 
 
+def train(command: list[str], output_dir: Path, max_minutes: float | None) -> dict:
+    """Run the training command; past `max_minutes`, send SIGTERM to its process group, as a scheduler ending a job
+    would. The script then saves a checkpoint at its next step and exits."""
+    started = time.time()
+    process = subprocess.Popen(command, start_new_session=True)  # its own group: the signal reaches every process
+    stopped = False
+    try:
+        process.wait(timeout=None if max_minutes is None else 60 * max_minutes)
+    except subprocess.TimeoutExpired:
+        stopped = True
+    except KeyboardInterrupt:  # Ctrl-C no longer reaches a group of its own: pass the stop on
+        os.killpg(process.pid, signal.SIGTERM)
+        raise
+    if stopped:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait()
+        # `accelerate launch` dies of the signal at once while the training process saves its checkpoint; that
+        # process holds the folder's lock until it ends.
+        with open(output_dir / LOCK_NAME, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+    elif process.returncode != 0:
+        raise subprocess.CalledProcessError(process.returncode, command)
+    return {"training_started": started, "training_minutes": (time.time() - started) / 60, "stopped_by_clock": stopped}
+
+
+def checkpoint_pipeline(checkpoint: Path, class_names: list[str], device) -> CondDDPMPipeline:
+    """A checkpoint as the pipeline its run would have saved: with its EMA weights, where it kept them."""
+    pipeline = load_pipeline(checkpoint, class_names, device)
+    for name in ("unet", "label_embedding"):
+        if (checkpoint / "ema" / name).is_dir():
+            module = type(getattr(pipeline, name)).from_pretrained(checkpoint / "ema" / name)
+            pipeline.register_modules(**{name: module.to(device)})
+    return pipeline
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    """The finished checkpoints in a training run's folder, oldest first."""
+    finished = [c for c in folder.glob("checkpoint-*") if (c / "training_state.json").is_file()]
+    return sorted(finished, key=lambda c: int(c.name.split("-")[1]))
+
+
 def split_at_double_dash(argv: list[str]) -> tuple[list[str], list[str]]:
     """This script's flags, and those after `--`, which go to the training script on top of the recipe's."""
     if "--" not in argv:
@@ -147,6 +198,16 @@ def main():
     )
     parser.add_argument(
         "--guidance_scale", type=cli.guidance_scale, default=DEFAULT_GUIDANCE_SCALE, help="guidance weight"
+    )
+    parser.add_argument(
+        "--max_train_minutes",
+        type=cli.positive_float,
+        help="stop training by the clock (SIGTERM, then a checkpoint at the next step) and score the newest checkpoint",
+    )
+    parser.add_argument(
+        "--score_checkpoints",
+        action="store_true",
+        help="also score every saved checkpoint on the held-out label sets, with seed 0: accuracy against minutes",
     )
     parser.add_argument(
         "--label_files",
@@ -212,22 +273,24 @@ def main():
         json.loads(evaluator_record.read_text())["held_out_accuracy"] if evaluator_record.is_file() else None
     )
 
+    run_dir = output_dir / "pipeline"
     if not args.score_only:
-        start = time.perf_counter()
-        subprocess.run(
-            one_process_training_command(*flags, "--output_dir", output_dir / "pipeline", "--overwrite_output_dir"),
-            check=True,
-        )
-        training = {
-            "recipe": " ".join([name, *training_flags]),
-            "flags": flags,
-            "training_minutes": (time.perf_counter() - start) / 60,
-        }
+        command = one_process_training_command(*flags, "--output_dir", run_dir, "--overwrite_output_dir")
+        training = {"recipe": " ".join([name, *training_flags]), "flags": flags}
+        training |= train(command, run_dir, args.max_train_minutes)
         atomic_write_text(training_record, json.dumps(training, indent=2) + "\n")
     training = json.loads(training_record.read_text())
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipeline = load_pipeline(output_dir / "pipeline", class_names, device)
+    if (run_dir / "model_index.json").is_file():
+        scored, pipeline = "the final pipeline", load_pipeline(run_dir, class_names, device)
+    elif checkpoints(run_dir):  # stopped by the clock: the newest checkpoint is the model
+        scored, pipeline = (
+            checkpoints(run_dir)[-1].name,
+            checkpoint_pipeline(checkpoints(run_dir)[-1], class_names, device),
+        )
+    else:
+        parser.error(f"{run_dir} holds neither a saved pipeline nor a finished checkpoint to score")
     set_scheduler(pipeline, args.scheduler)
     evaluator = load_evaluator(evaluator_path, len(class_names), device)
     test, new_test = read_label_sets(TEST_JSON, class_names), read_label_sets(NEW_TEST_JSON, class_names)
@@ -240,30 +303,46 @@ def main():
         "unseen_triples": unseen_triples(data / "train.json", class_names),
     }
     label_files = {split: sets for split, sets in every_label_file.items() if split in args.label_files}
-    per_seed = {split: [] for split in label_files}
-    renders = {split: [] for split in label_files}
-    for split, label_sets in label_files.items():
-        labels = multi_hot(label_sets, class_names)
-        for seed in range(args.num_seeds):
-            images = generate(pipeline, label_sets, args.num_inference_steps, args.guidance_scale, seed=seed)
-            per_seed[split].append(evaluate(evaluator, images, labels))
-            references = rendered_references(label_sets, class_names, seed, pipeline.unet.config.sample_size)
-            renders[split].append(evaluate(evaluator, references, labels))
-    scores = {split: float(np.mean(values)) for split, values in per_seed.items()}
     sampler = f"{args.scheduler}, {args.num_inference_steps} steps, guidance {args.guidance_scale:g}"
+    per_seed, renders = {}, {}
     result = {
         **training,
+        "scored": scored,
         "sampler": sampler,
         "seeds": args.num_seeds,
         "evaluator_held_out_accuracy": evaluator_accuracy,
-        **scores,
         "per_seed": per_seed,
         "rendered_references": renders,
     }
     tag = f"{args.scheduler}-{args.num_inference_steps}-guidance{args.guidance_scale:g}"
     if len(label_files) < len(LABEL_FILES):  # a subset keeps its own file, beside a full scoring of the same sampler
         tag += "-" + "+".join(label_files)
-    atomic_write_text(output_dir / f"results-{tag}.json", json.dumps(result, indent=2) + "\n")
+    results_file = output_dir / f"results-{tag}.json"
+    for split, label_sets in label_files.items():
+        labels = multi_hot(label_sets, class_names)
+        per_seed[split], renders[split] = [], []
+        for seed in range(args.num_seeds):
+            images = generate(pipeline, label_sets, args.num_inference_steps, args.guidance_scale, seed=seed)
+            per_seed[split].append(evaluate(evaluator, images, labels))
+            references = rendered_references(label_sets, class_names, seed, pipeline.unet.config.sample_size)
+            renders[split].append(evaluate(evaluator, references, labels))
+        result[split] = float(np.mean(per_seed[split]))
+        atomic_write_text(results_file, json.dumps(result, indent=2) + "\n")
+
+    if args.score_checkpoints:
+        result["checkpoints"] = []
+        held_out = {split: sets for split, sets in label_files.items() if split.startswith("held_out")}
+        for checkpoint in checkpoints(run_dir):
+            saved = (checkpoint / "training_state.json").stat().st_mtime
+            started = training.get("training_started")  # absent from the records of runs before the clock was kept
+            row = {"step": int(checkpoint.name.split("-")[1]), "minutes": started and (saved - started) / 60}
+            model = checkpoint_pipeline(checkpoint, class_names, device)
+            set_scheduler(model, args.scheduler)
+            for split, label_sets in held_out.items():
+                images = generate(model, label_sets, args.num_inference_steps, args.guidance_scale, seed=0)
+                row[split] = evaluate(evaluator, images, multi_hot(label_sets, class_names))
+            result["checkpoints"].append(row)
+            atomic_write_text(results_file, json.dumps(result, indent=2) + "\n")
 
     def cells(scores_per_seed):
         return " | ".join(f"{np.mean(v):.3f} ({', '.join(f'{x:.3f}' for x in v)})" for v in scores_per_seed.values())
@@ -274,6 +353,14 @@ def main():
     )
     print(f"| {training['recipe']} | {training['training_minutes']:.1f} | {cells(per_seed)} | {sampler} |")
     print(f"| the renderer's own scenes (the evaluator's ceiling) | | {cells(renders)} | |")
+    print(
+        f"\nScored: {scored}"
+        + (" (training was stopped by --max_train_minutes)" if training.get("stopped_by_clock") else "")
+    )
+    for row in result.get("checkpoints", []):
+        minutes = "" if row["minutes"] is None else f" after {row['minutes']:.1f} minutes"
+        scores = ", ".join(f"{split} {value:.3f}" for split, value in row.items() if split.startswith("held_out"))
+        print(f"checkpoint-{row['step']}{minutes}: {scores}")
 
 
 if __name__ == "__main__":

@@ -73,3 +73,19 @@ def test_flags_after_a_double_dash_go_to_the_training_script_and_need_a_folder_o
         assert stopped.value.code == 2
         message = capsys.readouterr().err
         assert expected in message and argv[-2] in message
+
+
+def test_training_stopped_by_the_clock_is_waited_for_until_it_lets_go_of_its_folder(quality, tmp_path):
+    # A stand-in for `accelerate launch`: its child holds the folder's lock and needs a while to save on SIGTERM.
+    child = (
+        "import fcntl, signal, sys, time; from pathlib import Path\n"
+        f"lock = open({str(tmp_path / '.lock')!r}, 'a'); fcntl.flock(lock, fcntl.LOCK_EX)\n"
+        "def save(*_): time.sleep(2); Path(sys.argv[1]).write_text('saved'); sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, save)\n"
+        "while True: time.sleep(0.1)\n"
+    )
+    launcher = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}, {str(tmp_path / 'state')!r}])"
+    record = quality.train([sys.executable, "-c", launcher], tmp_path, max_minutes=0.05)
+    assert record["stopped_by_clock"] is True
+    assert (tmp_path / "state").read_text() == "saved"  # returned only once the child had finished its save
+    assert 0.04 < record["training_minutes"] < 1
