@@ -8,8 +8,7 @@ project is not installed. It therefore imports nothing but torch, diffusers, hug
 import difflib
 import inspect
 import json
-import math
-import operator
+import numbers
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -61,6 +60,7 @@ SCHEDULERS = {
 DEFAULT_SCHEDULER = "euler-a"
 DEFAULT_NUM_INFERENCE_STEPS = 25
 DEFAULT_GUIDANCE_SCALE = 3.0
+MAX_GUIDANCE_SCALE = 100.0  # far past any useful guidance: beyond it the samples saturate to black or white
 HUB_TAGS = ["cond-ddpm", "i-clevr", "class-conditional", "ddpm", "classifier-free-guidance"]
 
 
@@ -90,11 +90,12 @@ def multi_hot(labels, class_names: Sequence[str]) -> torch.Tensor:
     set is the unconditional "null" label), or a multi-hot tensor or array of shape (B, C) holding only 0 and 1.
     """
     num_classes = len(class_names)
-    if isinstance(labels, (str, bytes, Mapping)) or not hasattr(labels, "__len__") or len(labels) == 0:
+    is_batch = hasattr(labels, "__len__") and getattr(labels, "ndim", 1) > 0  # a 0-d array has __len__, but no length
+    if isinstance(labels, (str, bytes, Mapping)) or not is_batch or len(labels) == 0:
         raise ValueError(f"labels must be a non-empty batch of label sets, got {labels!r}")
     if not isinstance(labels, (list, tuple)):
         try:
-            tensor = torch.as_tensor(labels, dtype=torch.float32)
+            tensor = torch.as_tensor(labels)
         except (TypeError, ValueError, RuntimeError):
             raise ValueError(
                 f"labels must be a list of label sets or a multi-hot array, got {type(labels).__name__}"
@@ -103,9 +104,11 @@ def multi_hot(labels, class_names: Sequence[str]) -> torch.Tensor:
             raise ValueError(
                 f"a multi-hot label tensor must have shape (batch, {num_classes}), got {tuple(tensor.shape)}"
             )
-        if not torch.all((tensor == 0) | (tensor == 1)):
-            raise ValueError("a multi-hot label tensor may only hold 0 and 1")
-        return tensor
+        # Compared before the cast to float, which would drop a complex value's imaginary part.
+        outside = tensor[(tensor != 0) & (tensor != 1)]
+        if len(outside):
+            raise ValueError(f"a multi-hot label tensor may only hold 0 and 1, got {outside[0].item()!r}")
+        return tensor.to(torch.float32)
     encoded = torch.zeros(len(labels), num_classes)
     for row, label_set in enumerate(labels):
         if isinstance(label_set, (str, int)) or not isinstance(label_set, Sequence):
@@ -128,15 +131,35 @@ def _class_index(label, class_names: Sequence[str]) -> int:
             hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
             raise ValueError(f"unknown object name {label!r}{hint} Known objects: {', '.join(class_names)}")
         return class_names.index(label)
-    try:  # Python, numpy and 0-d torch integers; not bools, which are a mistake here
-        index = operator.index(label) if not isinstance(label, bool) else None
-    except TypeError:
-        index = None
+    index = _as_integer(label)
     if index is None:
         raise ValueError(f"an object must be a name or an index, got {label!r} of type {type(label).__name__}")
     if not 0 <= index < len(class_names):
         raise ValueError(f"object index {index} is out of range; indices run from 0 to {len(class_names) - 1}")
     return index
+
+
+def _python_number(value):
+    """The Python number a numpy scalar, 0-d array or 0-d tensor holds; any other value unchanged."""
+    return value.item() if getattr(value, "ndim", None) == 0 else value
+
+
+def _as_integer(value) -> int | None:
+    """`value` as an int if it is one (Python, numpy or a 0-d tensor), else None. A bool is not: as a count or an
+    index, `True` is a mistake."""
+    value = _python_number(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _as_real(value) -> float | None:
+    """`value` as a float if it is a real number (Python, numpy or a 0-d tensor), else None. A bool is not."""
+    value = _python_number(value)
+    return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
+
+
+def _fits_unet(side, levels: int) -> bool:
+    """Whether an image side suits a UNet of `levels` levels, which halves the image at every level but the last."""
+    return isinstance(side, int) and not isinstance(side, bool) and side > 0 and side % 2 ** (levels - 1) == 0
 
 
 class LabelEmbedding(ModelMixin, ConfigMixin):
@@ -220,7 +243,7 @@ class CondDDPMPipeline(DiffusionPipeline):
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         preset = PRESETS[name]
         levels = len(preset["block_out_channels"])
-        if not isinstance(resolution, int) or resolution < 2 ** (levels - 1) or resolution % 2 ** (levels - 1):
+        if not _fits_unet(resolution, levels):
             raise ValueError(
                 f"resolution {resolution!r} does not suit the {name!r} UNet: it halves the image {levels - 1} times,"
                 f" so the resolution must be a positive multiple of {2 ** (levels - 1)}"
@@ -268,33 +291,82 @@ class CondDDPMPipeline(DiffusionPipeline):
     def class_names(self) -> list[str]:
         return list(self.label_embedding.config.class_names)
 
+    @property
+    def image_size(self) -> tuple:
+        """(height, width) of the images drawn: the UNet's `sample_size`, one side or a pair."""
+        size = self.unet.config.sample_size
+        return tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+
     def check_inputs(
-        self, labels, num_inference_steps, guidance_scale, generator, output_type, callback_on_step_end_tensor_inputs
+        self,
+        labels,
+        num_inference_steps,
+        guidance_scale,
+        generator,
+        output_type,
+        return_dict,
+        callback_on_step_end,
+        callback_on_step_end_tensor_inputs,
     ):
-        """Validate the call's arguments; return the labels as a multi-hot tensor and the step count as an int."""
-        unknown = [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]
-        if unknown:
-            raise ValueError(
-                f"callback_on_step_end_tensor_inputs may only name {self._callback_tensor_inputs}, got {unknown}"
-            )
-        try:  # Python, numpy and 0-d torch integers; not bools, which would quietly mean one step
-            steps = operator.index(num_inference_steps) if not isinstance(num_inference_steps, bool) else None
-        except TypeError:
-            steps = None
-        if steps is None or steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
-            guidance_scale = None
-        if guidance_scale is None or not (math.isfinite(guidance_scale) and guidance_scale >= 0):
-            raise ValueError(
-                f"guidance_scale must be a finite number >= 0 (1 or less turns guidance off), got {guidance_scale!r}"
-            )
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        """Validate the call's arguments and the UNet's image size. Return the labels as a multi-hot tensor, the step
+        count as an int and the guidance scale as a float."""
         encoded = multi_hot(labels, self.class_names)
+        # The UNet knows num_train_timesteps noise levels: DDPM and DDIM refuse more steps deep inside, others go on.
+        max_steps = self.scheduler.config.num_train_timesteps
+        steps = _as_integer(num_inference_steps)
+        if steps is None or not 1 <= steps <= max_steps:
+            raise ValueError(
+                f"num_inference_steps must be an integer from 1 to {max_steps} (the scheduler's num_train_timesteps),"
+                f" got {num_inference_steps!r}"
+            )
+        scale = _as_real(guidance_scale)
+        if scale is None or not 0 <= scale <= MAX_GUIDANCE_SCALE:  # also refuses nan
+            raise ValueError(
+                f"guidance_scale must be a number from 0 to {MAX_GUIDANCE_SCALE:g} (1 or less turns guidance off),"
+                f" got {guidance_scale!r}"
+            )
+        generators = generator if isinstance(generator, list) else [generator]
+        if generator is not None and not all(isinstance(g, torch.Generator) for g in generators):
+            raise ValueError(f"generator must be a torch.Generator or a list of them, one per image, got {generator!r}")
         if isinstance(generator, list) and len(generator) != len(encoded):
             raise ValueError(f"got {len(generator)} generators for {len(encoded)} images; give one per image, or one")
-        return encoded, steps
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        if not isinstance(return_dict, bool):
+            raise ValueError(f"return_dict must be True or False, got {return_dict!r}")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise ValueError(f"callback_on_step_end must be callable, got {callback_on_step_end!r}")
+        names = callback_on_step_end_tensor_inputs
+        if not isinstance(names, (list, tuple)) or any(name not in self._callback_tensor_inputs for name in names):
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs must be a list of names from {self._callback_tensor_inputs},"
+                f" got {names!r}"
+            )
+        levels = len(self.unet.config.block_out_channels)
+        if len(self.image_size) != 2 or not all(_fits_unet(side, levels) for side in self.image_size):
+            raise ValueError(
+                f"unet.config.sample_size {self.unet.config.sample_size!r} does not suit the UNet: each side must be a"
+                f" positive multiple of {2 ** (levels - 1)}, the factor by which it shrinks the image"
+            )
+        return encoded, steps, scale
+
+    def _image_from_callback(self, outputs, image: torch.Tensor) -> torch.Tensor:
+        """The sample after `callback_on_step_end` returned `outputs`: its `"image"`, or `image` if it gives none."""
+        if outputs is None:
+            return image
+        if not isinstance(outputs, Mapping) or not set(outputs) <= set(self._callback_tensor_inputs):
+            got = list(outputs) if isinstance(outputs, Mapping) else type(outputs).__name__
+            raise ValueError(
+                f"callback_on_step_end must return None or a dict of tensors named from {self._callback_tensor_inputs},"
+                f" got {got}"
+            )
+        returned = outputs.get("image", image)
+        if not isinstance(returned, torch.Tensor) or returned.shape != image.shape:
+            got = f"shape {tuple(returned.shape)}" if isinstance(returned, torch.Tensor) else type(returned).__name__
+            raise ValueError(
+                f"callback_on_step_end must return 'image' as a tensor of shape {tuple(image.shape)}, got {got}"
+            )
+        return returned.to(image)  # a sample in another dtype or on another device would stop the UNet
 
     @torch.no_grad()
     def __call__(
@@ -316,11 +388,13 @@ class CondDDPMPipeline(DiffusionPipeline):
                 The objects to draw: a list of label sets, each a list of object names (`"red cube"`) or indices,
                 or a multi-hot array of shape (batch, number of objects). An empty label set draws unconditionally.
             num_inference_steps (`int`, *optional*, defaults to 1000):
-                The number of denoising steps. The bundled DDPM scheduler needs the full 1000; the project's default
-                sampler, `SCHEDULERS[DEFAULT_SCHEDULER]` (Euler ancestral), needs `DEFAULT_NUM_INFERENCE_STEPS` (25).
+                The number of denoising steps, at most the scheduler's `num_train_timesteps`. The bundled DDPM
+                scheduler needs the full 1000; the project's default sampler, `SCHEDULERS[DEFAULT_SCHEDULER]` (Euler
+                ancestral), needs `DEFAULT_NUM_INFERENCE_STEPS` (25).
             guidance_scale (`float`, *optional*, defaults to `DEFAULT_GUIDANCE_SCALE` (3.0)):
-                Classifier-free guidance weight. Values above 1 push the image towards its labels, at the cost of a
-                second (unconditional) UNet pass in the same batch; 1 or less skips that pass.
+                Classifier-free guidance weight, from 0 to `MAX_GUIDANCE_SCALE` (100). Values above 1 push the image
+                towards its labels, at the cost of a second (unconditional) UNet pass in the same batch; 1 or less
+                skips that pass.
             generator (`torch.Generator`, *optional*):
                 A generator (or one per image) that makes generation deterministic.
             output_type (`str`, *optional*, defaults to `"pil"`):
@@ -331,7 +405,7 @@ class CondDDPMPipeline(DiffusionPipeline):
             callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
                 Called after each step as `callback_on_step_end(pipe, step, timestep, callback_kwargs)`, where
                 `callback_kwargs` holds the tensors named by `callback_on_step_end_tensor_inputs`; `image` is the
-                current noisy sample in [-1, 1]. A returned `{"image": ...}` replaces it.
+                current noisy sample in [-1, 1]. A returned `{"image": ...}`, a tensor of the same shape, replaces it.
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*, defaults to `["image"]`):
                 The tensors passed to `callback_on_step_end`, from `._callback_tensor_inputs`. A `PipelineCallback`
                 brings its own `tensor_inputs`.
@@ -353,8 +427,15 @@ class CondDDPMPipeline(DiffusionPipeline):
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        labels, num_inference_steps = self.check_inputs(
-            labels, num_inference_steps, guidance_scale, generator, output_type, callback_on_step_end_tensor_inputs
+        labels, num_inference_steps, guidance_scale = self.check_inputs(
+            labels,
+            num_inference_steps,
+            guidance_scale,
+            generator,
+            output_type,
+            return_dict,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
         )
         # With model CPU offload the modules wait on the CPU; the execution device is where their hooks run them.
         device = self._execution_device
@@ -365,9 +446,7 @@ class CondDDPMPipeline(DiffusionPipeline):
         conditioning = {k: v.to(self.unet.dtype) for k, v in self.label_embedding(labels).items()}
 
         batch_size = len(labels) // 2 if do_guidance else len(labels)
-        size = self.unet.config.sample_size
-        height, width = (size, size) if isinstance(size, int) else size
-        shape = (batch_size, self.unet.config.in_channels, height, width)
+        shape = (batch_size, self.unet.config.in_channels, *self.image_size)
         # Timesteps first: Euler-type schedulers derive init_noise_sigma from them, and before the first set_timesteps
         # it is the 1000-step schedule's (on the trained models' cosine schedule: 20291, not 16.5 for 25 steps).
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -389,7 +468,7 @@ class CondDDPMPipeline(DiffusionPipeline):
             if callback_on_step_end is not None:
                 tensors = {"image": image}
                 callback_kwargs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
-                image = (callback_on_step_end(self, i, t, callback_kwargs) or {}).pop("image", image)
+                image = self._image_from_callback(callback_on_step_end(self, i, t, callback_kwargs), image)
 
         image = (image / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":

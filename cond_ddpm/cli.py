@@ -11,9 +11,10 @@ import sys
 
 import torch
 
+from pipeline_cond_ddpm import MAX_GUIDANCE_SCALE
+
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
 MAX_RESOLUTION = 1024  # a 64x64 model is trained here; 1024 already needs a UNet far beyond the presets
-MAX_GUIDANCE_SCALE = 100.0  # far past any useful guidance: beyond it the samples saturate to black or white
 MAX_SEED = 2**32 - 1  # numpy's generators take seeds below 2**32
 
 

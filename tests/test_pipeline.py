@@ -1,5 +1,9 @@
 """CondDDPMPipeline and LabelEmbedding: label forms, guidance, schedulers, serialisation, bad input."""
 
+import argparse
+import math
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +19,15 @@ from huggingface_hub import ModelCard
 from huggingface_hub.errors import EntryNotFoundError
 from PIL import Image
 
-from pipeline_cond_ddpm import PRESETS, CondDDPMPipeline, LabelEmbedding, multi_hot
+from cond_ddpm import cli
+from pipeline_cond_ddpm import (
+    MAX_GUIDANCE_SCALE,
+    PRESETS,
+    SCHEDULERS,
+    CondDDPMPipeline,
+    LabelEmbedding,
+    multi_hot,
+)
 
 
 def generate(pipeline, labels, seed=0, **kwargs):
@@ -232,8 +244,43 @@ def test_callback_tensor_inputs_are_named_as_in_diffusers(tiny_pipeline):
         callback_on_step_end_tensor_inputs=["image"],
     )
     assert seen == [["image"]] * 3
-    with pytest.raises(ValueError, match=r"callback_on_step_end_tensor_inputs may only name \['image'\]"):
-        generate(tiny_pipeline, [["red cube"]], callback_on_step_end=print, callback_on_step_end_tensor_inputs=["x"])
+    for names in (["x"], "image", None):
+        with pytest.raises(
+            ValueError, match=r"callback_on_step_end_tensor_inputs must be a list of names from \['image'\]"
+        ):
+            generate(
+                tiny_pipeline, [["red cube"]], callback_on_step_end=print, callback_on_step_end_tensor_inputs=names
+            )
+
+
+@pytest.mark.parametrize(
+    "returned, message",
+    [
+        ([1], r"must return None or a dict of tensors named from \['image'\], got list"),
+        (
+            {"latents": torch.zeros(1)},
+            r"must return None or a dict of tensors named from \['image'\], got \['latents'\]",
+        ),
+        ({"image": "noise"}, r"must return 'image' as a tensor of shape \(2, 3, 16, 16\), got str"),
+        (
+            {"image": torch.zeros(1, 3, 4, 4)},
+            r"must return 'image' as a tensor of shape \(2, 3, 16, 16\), got shape \(1, 3, 4, 4\)",
+        ),
+    ],
+    ids=["list", "unknown-name", "not-a-tensor", "wrong-shape"],
+)
+def test_a_callback_that_returns_something_else_is_refused_clearly(tiny_pipeline, returned, message):
+    with pytest.raises(ValueError, match=f"callback_on_step_end {message}"):
+        generate(tiny_pipeline, [["red cube"], ["blue sphere"]], callback_on_step_end=lambda *args: returned)
+
+
+def test_a_sample_a_callback_returns_in_another_dtype_is_taken_back_as_the_pipelines(tiny_pipeline):
+    def in_float64(pipeline, step, timestep, tensors):
+        return {"image": tensors["image"].double()}
+
+    images = generate(tiny_pipeline, [["red cube"]], callback_on_step_end=in_float64)
+    assert images.dtype == torch.float32
+    assert torch.equal(images, generate(tiny_pipeline, [["red cube"]]))
 
 
 def test_a_rectangular_sample_size_draws_rectangular_images(tiny_pipeline):
@@ -316,12 +363,16 @@ def test_shared_word_tokens_tie_objects_that_share_a_word(class_names, tmp_path)
         ([[24]], "object index 24 is out of range; indices run from 0 to 23"),
         ([[-1]], "object index -1 is out of range"),
         (torch.zeros(2, 10), r"must have shape \(batch, 24\), got \(2, 10\)"),
-        (torch.full((1, 24), 2.0), "may only hold 0 and 1"),
+        (torch.full((1, 24), 2.0), "may only hold 0 and 1, got 2.0"),
+        (np.full((1, 24), np.nan), "may only hold 0 and 1, got nan"),
+        (np.eye(24, dtype=complex)[[1]] * (1 + 1j), r"may only hold 0 and 1, got \(1\+1j\)"),
+        (torch.tensor(3), "non-empty batch of label sets, got tensor\\(3\\)"),
         ([], "non-empty batch"),
         (["red cube", "blue sphere"], "each label set must be a list"),
         ([["red cube", "red cube"]], "names 'red cube' twice"),
         ([[1.5]], "an object must be a name or an index, got 1.5"),
         ([[True]], "an object must be a name or an index, got True"),
+        ([[torch.tensor(True)]], r"an object must be a name or an index, got tensor\(True\)"),
     ],
     ids=[
         "unknown-name",
@@ -329,11 +380,15 @@ def test_shared_word_tokens_tie_objects_that_share_a_word(class_names, tmp_path)
         "index-negative",
         "width",
         "not-0-1",
+        "nan",
+        "complex",
+        "0-d-tensor",
         "empty-batch",
         "flat-list",
         "duplicate",
         "float",
         "bool",
+        "bool-tensor",
     ],
 )
 def test_bad_labels_are_refused_clearly(tiny_pipeline, labels, message):
@@ -344,25 +399,85 @@ def test_bad_labels_are_refused_clearly(tiny_pipeline, labels, message):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"guidance_scale": -1.0}, "guidance_scale must be a finite number >= 0"),
-        ({"guidance_scale": float("inf")}, "guidance_scale must be a finite number >= 0 .*got inf"),
-        ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number >= 0 .*got nan"),
-        ({"num_inference_steps": 0}, "num_inference_steps must be a positive integer, got 0"),
-        ({"num_inference_steps": True}, "num_inference_steps must be a positive integer, got True"),
+        ({"guidance_scale": -1.0}, "guidance_scale must be a number from 0 to 100 .*got -1.0"),
+        ({"guidance_scale": float("inf")}, "guidance_scale must be a number from 0 to 100 .*got inf"),
+        ({"guidance_scale": float("nan")}, "guidance_scale must be a number from 0 to 100 .*got nan"),
+        ({"guidance_scale": 1e6}, "guidance_scale must be a number from 0 to 100 .*got 1000000.0"),
+        ({"guidance_scale": "3"}, "guidance_scale must be a number from 0 to 100 .*got '3'"),
+        ({"guidance_scale": True}, "guidance_scale must be a number from 0 to 100 .*got True"),
+        ({"num_inference_steps": 0}, "num_inference_steps must be an integer from 1 to 1000 .*got 0"),
+        ({"num_inference_steps": True}, "num_inference_steps must be an integer from 1 to 1000 .*got True"),
+        ({"num_inference_steps": torch.tensor(True)}, "num_inference_steps must be an integer .*got tensor\\(True\\)"),
+        ({"num_inference_steps": "25"}, "num_inference_steps must be an integer from 1 to 1000 .*got '25'"),
+        ({"num_inference_steps": 2.5}, "num_inference_steps must be an integer from 1 to 1000 .*got 2.5"),
         ({"output_type": "jpg"}, "output_type must be one of pil, np, pt, got 'jpg'"),
+        ({"return_dict": "no"}, "return_dict must be True or False, got 'no'"),
         ({"generator": [torch.Generator()]}, "got 1 generators for 2 images; give one per image, or one"),
+        ({"generator": 42}, "generator must be a torch.Generator or a list of them, one per image, got 42"),
+        ({"generator": "seed"}, "generator must be a torch.Generator .*got 'seed'"),
+        ({"generator": [torch.Generator(), 7]}, "generator must be a torch.Generator .*got \\[<torch"),
+        ({"callback_on_step_end": 3}, "callback_on_step_end must be callable, got 3"),
     ],
-    ids=["negative-guidance", "inf-guidance", "nan-guidance", "zero-steps", "bool-steps", "output", "generators"],
+    ids=[
+        "negative-guidance",
+        "inf-guidance",
+        "nan-guidance",
+        "huge-guidance",
+        "string-guidance",
+        "bool-guidance",
+        "zero-steps",
+        "bool-steps",
+        "bool-tensor-steps",
+        "string-steps",
+        "fractional-steps",
+        "output",
+        "return-dict",
+        "generators",
+        "int-generator",
+        "string-generator",
+        "list-with-a-non-generator",
+        "callback",
+    ],
 )
 def test_bad_call_arguments_are_refused_clearly(tiny_pipeline, kwargs, message):
     with pytest.raises(ValueError, match=message):
         tiny_pipeline([["red cube"], ["blue sphere"]], **{"num_inference_steps": 1, **kwargs})
 
 
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_more_steps_than_the_schedule_has_are_refused_for_every_scheduler(tiny_pipeline, scheduler):
+    tiny_pipeline.scheduler = SCHEDULERS[scheduler](tiny_pipeline.scheduler.config)
+    with pytest.raises(ValueError, match="num_inference_steps must be an integer from 1 to 1000 .*got 1001"):
+        tiny_pipeline([["red cube"]], num_inference_steps=1001)
+
+
 def test_numpy_and_torch_integers_are_step_counts(tiny_pipeline):
     for steps in (np.int64(2), torch.tensor(2)):
         images = tiny_pipeline([["red cube"]], num_inference_steps=steps, output_type="pt").images
         assert images.shape == (1, 3, 16, 16)
+
+
+def test_the_pipeline_and_the_command_line_cap_guidance_alike(tiny_pipeline):
+    generate(tiny_pipeline, [["red cube"]], guidance_scale=cli.guidance_scale(str(MAX_GUIDANCE_SCALE)))
+    above = repr(math.nextafter(MAX_GUIDANCE_SCALE, math.inf))
+    with pytest.raises(argparse.ArgumentTypeError, match=f"got '{above}'"):
+        cli.guidance_scale(above)
+    with pytest.raises(ValueError, match=f"guidance_scale must be a number from 0 to .*got {above}"):
+        generate(tiny_pipeline, [["red cube"]], guidance_scale=float(above))
+
+
+def test_numpy_and_torch_numbers_are_guidance_scales(tiny_pipeline):
+    reference = generate(tiny_pipeline, [["red cube"]], guidance_scale=3.0)
+    for scale in (3, np.float32(3), np.int64(3), torch.tensor(3.0)):
+        assert torch.equal(generate(tiny_pipeline, [["red cube"]], guidance_scale=scale), reference)
+
+
+@pytest.mark.parametrize("sample_size", [0, -4, 15, (16, 15), 16.0, (16, 16, 16)])
+def test_a_sample_size_the_unet_cannot_halve_is_refused_clearly(tiny_pipeline, sample_size):
+    tiny_pipeline.unet.register_to_config(sample_size=sample_size)
+    message = f"unet.config.sample_size {re.escape(repr(sample_size))} does not suit the UNet: each side must be a"
+    with pytest.raises(ValueError, match=f"{message} positive multiple of 2"):
+        generate(tiny_pipeline, [["red cube"]])
 
 
 def test_labels_given_as_a_dict_are_refused_clearly(tiny_pipeline):
