@@ -23,7 +23,14 @@ from torchvision.models import resnet18
 from tqdm.auto import tqdm
 
 from cond_ddpm import cli
-from cond_ddpm.atomic_io import atomic_write, atomic_write_text, staged_directory
+from cond_ddpm.atomic_io import (
+    INCOMPLETE_PREFIX,
+    LOCK_NAME,
+    atomic_write,
+    atomic_write_text,
+    claim_folder,
+    staged_contents,
+)
 from cond_ddpm.data import (
     NEW_TEST_JSON,
     OBJECTS_JSON,
@@ -35,7 +42,7 @@ from cond_ddpm.data import (
     split_by_scene,
     with_training_transform,
 )
-from cond_ddpm.grids import save_captioned_grid
+from cond_ddpm.grids import captioned_grid, save_captioned_grid
 from pipeline_cond_ddpm import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_NUM_INFERENCE_STEPS,
@@ -47,6 +54,18 @@ from pipeline_cond_ddpm import (
 
 EVALUATOR_RESOLUTION = 64
 EVALUATOR_TRAIN_RESOLUTION = 32  # the course's evaluator saw 32x32 images upsampled to 64x64
+# score holds a label file's images and its captioned grid in memory (the grid takes ~100 MB at 1000); the course's
+# files hold 32 label sets each.
+MAX_LABEL_SETS = 1000
+SPLITS = ("test", "new_test")  # what score draws: a folder of PNGs and a grid for each
+SCORE_OUTPUTS = {*SPLITS, *(f"{split}_grid.png" for split in SPLITS), "metrics.json"}
+
+
+def first_sentence(error: Exception) -> str:
+    """The first sentence of a library's error, past the advice on unsafe loading that torch's weights-only errors
+    open with; the error's type where it says nothing (torch's EOFError on an empty file)."""
+    text = str(error).rpartition("WeightsUnpickler error:")[2].strip()
+    return text.splitlines()[0].split(". ")[0] if text else type(error).__name__
 
 
 # --- The evaluator -------------------------------------------------------------------------------------------------
@@ -61,12 +80,20 @@ def build_evaluator(num_classes: int) -> nn.Module:
 def load_evaluator(path, num_classes: int, device="cpu") -> nn.Module:
     """Load an evaluator saved in the official format, `{"model": state_dict}`, onto any device."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"evaluator checkpoint {path} is a folder; give the checkpoint file, such as checkpoint.pth"
+        )
     if not path.is_file():
-        raise FileNotFoundError(f"evaluator checkpoint {path} does not exist")
+        raise FileNotFoundError(
+            f"evaluator checkpoint {path} {'is not a regular file' if path.exists() else 'does not exist'}"
+        )
+    if path.stat().st_size == 0:
+        raise ValueError(f"evaluator checkpoint {path} is empty (0 bytes); it must hold {{'model': state_dict}}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for files that are not safe checkpoints
-        raise ValueError(f"{path} is not a PyTorch checkpoint of plain tensors: {str(error).splitlines()[0]}") from None
+        raise ValueError(f"{path} is not a PyTorch checkpoint of plain tensors: {first_sentence(error)}") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
         found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ValueError(
@@ -113,8 +140,15 @@ def to_evaluator_pixels(images: torch.Tensor) -> torch.Tensor:
 def evaluate(evaluator: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
     """Accuracy of 8-bit images (B, 3, 64, 64) against multi-hot labels."""
     device = next(evaluator.parameters()).device
-    probabilities = evaluator(images.to(device).float() / 127.5 - 1)
-    return accuracy(probabilities.cpu(), labels.cpu())
+    probabilities = evaluator(images.to(device).float() / 127.5 - 1).cpu()
+    # topk ranks NaN above every number, so NaN scores would still give an accuracy, and a meaningless one.
+    unscored = int((~probabilities.isfinite().all(dim=1)).sum())
+    if unscored:
+        raise FloatingPointError(
+            f"the evaluator produced non-finite scores (NaN or inf) for {unscored} of {len(probabilities)} images;"
+            " check its weights: no accuracy can be computed from them"
+        )
+    return accuracy(probabilities, labels.cpu())
 
 
 # --- Generating and scoring ----------------------------------------------------------------------------------------
@@ -124,7 +158,10 @@ def load_pipeline(path, class_names: list[str], device) -> CondDDPMPipeline:
     """Load a pipeline and check that it speaks the vocabulary of the label files it will be scored on."""
     if not Path(path, "model_index.json").is_file():
         raise FileNotFoundError(f"{path} is not a saved pipeline (it has no model_index.json)")
-    pipeline = CondDDPMPipeline.from_pretrained(path).to(device)
+    try:
+        pipeline = CondDDPMPipeline.from_pretrained(path).to(device)
+    except Exception as error:  # diffusers raises many types for an edited or damaged folder: OSError, KeyError, ...
+        raise ValueError(f"cannot load the pipeline in {path}: {first_sentence(error)}") from None
     if pipeline.class_names != class_names:
         differences = [
             f"{i}: {a!r} vs {b!r}"
@@ -143,7 +180,33 @@ def load_pipeline(path, class_names: list[str], device) -> CondDDPMPipeline:
 def set_scheduler(pipeline: CondDDPMPipeline, name: str) -> None:
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-    pipeline.scheduler = SCHEDULERS[name](pipeline.scheduler.config)
+    try:
+        pipeline.scheduler = SCHEDULERS[name](pipeline.scheduler.config)
+    except (ValueError, NotImplementedError) as error:  # a noise schedule the DDPM scheduler has and this one lacks
+        raise ValueError(
+            f"the {name} sampler cannot run the noise schedule in {pipeline.name_or_path}/scheduler: {error}"
+        ) from None
+
+
+def check_num_inference_steps(pipeline: CondDDPMPipeline, num_inference_steps: int) -> None:
+    """Refuse more steps than the noise schedule has, before the first: some samplers fail only after the last."""
+    limit = pipeline.scheduler.config.num_train_timesteps
+    if num_inference_steps > limit:
+        raise ValueError(
+            f"--num_inference_steps {num_inference_steps} exceeds the {limit} steps of the pipeline's noise schedule"
+            " (num_train_timesteps in scheduler/scheduler_config.json)"
+        )
+
+
+def read_label_file(path, class_names: list[str]) -> list[list[str]]:
+    """A label file's label sets, as many as score can draw."""
+    label_sets = read_label_sets(path, class_names)
+    if len(label_sets) > MAX_LABEL_SETS:
+        raise ValueError(
+            f"{path} holds {len(label_sets)} label sets; score and rescore take at most {MAX_LABEL_SETS} per file"
+            " (the course's hold 32): split it into several files"
+        )
+    return label_sets
 
 
 def generate(
@@ -171,6 +234,11 @@ def generate(
             output_type="pt",
             callback_on_step_end=callback_on_step_end,
         ).images
+        if not torch.isfinite(images).all():  # uint8 would turn NaN into black pixels and score them
+            raise FloatingPointError(
+                "the pipeline drew NaN or infinite pixels: its weights have diverged, or the sampler cannot run"
+                f" {num_inference_steps} steps; nothing was scored"
+            )
         # Quantise where the pipeline's PNGs would, then upsample and quantise again for the 64x64 files.
         images = (images.float() * 255).round() / 255
         chunks.append(to_evaluator_pixels(images.cpu()))
@@ -186,14 +254,22 @@ def write_pngs(images: torch.Tensor, folder: Path) -> None:
 
 
 def read_pngs(folder, count: int) -> torch.Tensor:
+    """The PNGs `folder/{i}.png`, i < count, as 8-bit (count, 3, 64, 64); a bad one is named as it is read."""
     paths = [Path(folder) / f"{i}.png" for i in range(count)]
-    missing = [str(p) for p in paths if not p.is_file()]
+    missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} image(s) missing in {folder}, e.g. {missing[0]}")
-    images = torch.stack([torch.from_numpy(np.array(open_rgb(p))).permute(2, 0, 1) for p in paths])
-    if images.shape[-2:] != (EVALUATOR_RESOLUTION, EVALUATOR_RESOLUTION):
-        raise ValueError(f"the images in {folder} are {tuple(images.shape[-2:])}; the evaluator takes 64x64")
-    return images
+    return torch.stack([read_png(path) for path in paths])
+
+
+def read_png(path: Path) -> torch.Tensor:
+    image = open_rgb(path)  # names the file if it cannot be decoded, or its header claims billions of pixels
+    if image.size != (EVALUATOR_RESOLUTION, EVALUATOR_RESOLUTION):
+        raise ValueError(
+            f"{path} is {image.width}x{image.height}; the evaluator takes {EVALUATOR_RESOLUTION}x{EVALUATOR_RESOLUTION}"
+            " images"
+        )
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
 
 
 def score_folder(evaluator, folder, label_sets, class_names) -> float:
@@ -201,39 +277,110 @@ def score_folder(evaluator, folder, label_sets, class_names) -> float:
     return evaluate(evaluator, read_pngs(folder, len(label_sets)), multi_hot(label_sets, class_names))
 
 
+# --- Where outputs may go: a command replaces only what it wrote, and never its inputs -----------------------------
+
+
+def check_apart_from_inputs(what: str, output: Path, inputs: dict) -> None:
+    """Refuse an output that is an input, holds one, or lies inside one (`inputs`: flag -> path): writing it could
+    replace what the command reads, such as a pipeline's model_index.json or the folder of images it trains on."""
+    written = output.resolve()  # a relative path or a symbolic link may name an input too
+    for flag, path in inputs.items():
+        read = Path(path).resolve()
+        if read == written:
+            relation = "is"
+        elif read.is_relative_to(written):
+            relation = "holds"
+        elif written.is_relative_to(read):
+            relation = "lies inside"
+        else:
+            continue
+        raise ValueError(f"{what} {relation} the input {flag} {path}; write outputs apart from the inputs")
+
+
+def check_file_output(what: str, path: Path, inputs: dict) -> None:
+    """Refuse a file to write that is a folder, a device or a pipe (replacing it would remove it), or an input."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} is a folder; give a file name")
+    if path.exists() and not path.is_file():
+        raise FileExistsError(f"{what} is not a regular file (a device, a pipe or a socket); give a file name")
+    check_apart_from_inputs(what, path, inputs)
+
+
+def check_output_dir(output_dir: Path, inputs: dict) -> None:
+    """Refuse an --output_dir that is a file, or an input, or holds or lies inside one."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"--output_dir {output_dir} is a file; --output_dir takes a folder")
+    check_apart_from_inputs(f"--output_dir {output_dir}", output_dir, inputs)
+
+
+def check_overwritable(output_dir: Path, overwrite: bool) -> None:
+    """Refuse an --output_dir with entries in it, unless `overwrite` and it is an earlier score's output: one that
+    holds only SCORE_OUTPUTS (and a lock and staging folders), its metrics.json naming what was scored."""
+    entries = {p.name for p in output_dir.iterdir() if p.name != LOCK_NAME and not p.name.startswith(INCOMPLETE_PREFIX)}
+    if not entries:
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"--output_dir {output_dir} already exists and is not empty; choose another folder, or pass"
+            " --overwrite_output_dir to replace an earlier score's output"
+        )
+    try:
+        metrics = json.loads((output_dir / "metrics.json").read_text())
+    except (OSError, ValueError):  # none, a folder, not JSON
+        metrics = None
+    written = isinstance(metrics, dict) and {*SPLITS, "pipeline", "evaluator_checkpoint"} <= set(metrics)
+    foreign = sorted(entries - SCORE_OUTPUTS)
+    if foreign or not written:
+        raise FileExistsError(
+            f"--output_dir {output_dir} holds {', '.join(foreign[:3]) if foreign else 'a metrics.json'} that score"
+            " did not write; --overwrite_output_dir replaces only an earlier score's output, so choose another folder"
+        )
+
+
+# --- Scoring --------------------------------------------------------------------------------------------------------
+
+
 def score(args):
     class_names = read_objects_json(args.objects_json)
-    splits = {
-        "test": read_label_sets(args.test_json, class_names),
-        "new_test": read_label_sets(args.new_test_json, class_names),
-    }
+    splits = {split: read_label_file(getattr(args, f"{split}_json"), class_names) for split in SPLITS}
     evaluator = load_evaluator(args.evaluator_checkpoint, len(class_names), args.device)
     pipeline = load_pipeline(args.pipeline, class_names, args.device)
     set_scheduler(pipeline, args.scheduler)
+    check_num_inference_steps(pipeline, args.num_inference_steps)
+    output_dir = Path(args.output_dir)
+    read = ("pipeline", "evaluator_checkpoint", "objects_json", "test_json", "new_test_json")
+    inputs = {f"--{name}": getattr(args, name) for name in read}
+    check_output_dir(output_dir, inputs)
+    if output_dir.is_dir():  # before the lock file goes into a folder that is refused
+        check_overwritable(output_dir, args.overwrite_output_dir)
     metrics = {}
-    with staged_directory(args.output_dir, overwrite=args.overwrite_output_dir) as out:
-        for split, label_sets in splits.items():
-            images = generate(
-                pipeline,
-                label_sets,
-                args.num_inference_steps,
-                args.guidance_scale,
-                args.seed,
-                args.batch_size,
-                desc=f"drawing {split}.json",
+    # The lock refuses a second score into this folder while this one writes (it would replace this output unasked);
+    # the check is repeated under it for a run that ended after the first one.
+    with claim_folder(output_dir):
+        check_overwritable(output_dir, args.overwrite_output_dir)
+        with staged_contents(output_dir, marker="metrics.json") as out:
+            for split, label_sets in splits.items():
+                images = generate(
+                    pipeline,
+                    label_sets,
+                    args.num_inference_steps,
+                    args.guidance_scale,
+                    args.seed,
+                    args.batch_size,
+                    desc=f"drawing {split}.json",
+                )
+                write_pngs(images, out / split)
+                save_captioned_grid(out / f"{split}_grid.png", images, label_sets)
+                metrics[split] = score_folder(evaluator, out / split, label_sets, class_names)
+            metrics.update(
+                num_inference_steps=args.num_inference_steps,
+                guidance_scale=args.guidance_scale,
+                scheduler=args.scheduler,
+                seed=args.seed,
+                pipeline=str(args.pipeline),
+                evaluator_checkpoint=str(args.evaluator_checkpoint),
             )
-            write_pngs(images, out / split)
-            save_captioned_grid(out / f"{split}_grid.png", images, label_sets)
-            metrics[split] = score_folder(evaluator, out / split, label_sets, class_names)
-        metrics.update(
-            num_inference_steps=args.num_inference_steps,
-            guidance_scale=args.guidance_scale,
-            scheduler=args.scheduler,
-            seed=args.seed,
-            pipeline=str(args.pipeline),
-            evaluator_checkpoint=str(args.evaluator_checkpoint),
-        )
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(
         f"test accuracy {metrics['test']:.4f}, new_test accuracy {metrics['new_test']:.4f}; images in {args.output_dir}"
     )
@@ -244,8 +391,8 @@ def rescore(args):
     class_names = read_objects_json(args.objects_json)
     evaluator = load_evaluator(args.evaluator_checkpoint, len(class_names), args.device)
     metrics = {}
-    for split, label_file in (("test", args.test_json), ("new_test", args.new_test_json)):
-        label_sets = read_label_sets(label_file, class_names)
+    for split in SPLITS:
+        label_sets = read_label_file(getattr(args, f"{split}_json"), class_names)
         metrics[split] = score_folder(evaluator, Path(args.output_dir) / split, label_sets, class_names)
     print(f"test accuracy {metrics['test']:.4f}, new_test accuracy {metrics['new_test']:.4f}")
     return metrics
@@ -260,23 +407,25 @@ def _as_tensors(dataset):
     return torch.stack([r["pixel_values"] for r in rows]), torch.stack([r["labels"] for r in rows])
 
 
-def check_evaluator_output(output) -> Path:
-    """Where the metadata of an evaluator saved at `output` goes; refuses an `output` it would clash with."""
+def check_evaluator_output(output, inputs: dict) -> Path:
+    """Where the metadata of an evaluator saved at `output` goes; refuses an `output` it would clash with, and
+    either file over one of the `inputs` (flag -> path)."""
     output, metadata = Path(output), Path(output).with_suffix(".json")
-    if output.is_dir():
-        raise IsADirectoryError(f"--output {output} is a folder; give a file name, e.g. {output / 'evaluator.pth'}")
+    check_file_output(f"--output {output}", output, inputs)
     if metadata == output:
         raise ValueError(
             f"--output {output} is where the training metadata goes ({metadata}); save the evaluator under another"
             " suffix, e.g. evaluator.pth"
         )
+    check_file_output(f"the metadata file {metadata} of --output {output}", metadata, inputs)
     return metadata
 
 
 def train_evaluator(args):
-    metadata = check_evaluator_output(args.output)
     torch.manual_seed(args.seed)
     rows = build_dataset(args.train_data_dir, args.train_json, args.objects_json)
+    inputs = {f"--{name}": getattr(args, name) for name in ("train_data_dir", "train_json", "objects_json")}
+    metadata = check_evaluator_output(args.output, inputs)
     train_rows, validation_rows = split_by_scene(rows, args.validation_fraction, args.seed)
     # The course's recipe: 32x32 images, upsampled to 64x64.
     train_x, train_y = _as_tensors(with_training_transform(train_rows, EVALUATOR_TRAIN_RESOLUTION))
@@ -321,26 +470,42 @@ def train_evaluator(args):
 # --- Drawing the denoising process ---------------------------------------------------------------------------------
 
 
-def denoise(args):
-    class_names = read_objects_json(args.objects_json)
-    pipeline = load_pipeline(args.pipeline, class_names, args.device)
-    set_scheduler(pipeline, args.scheduler)
-    labels = [name.strip() for name in args.labels.split(",") if name.strip()]
-    multi_hot([labels], class_names)  # fail on a bad name before sampling
-    keep = set(np.linspace(0, args.num_inference_steps - 1, args.num_frames).round().astype(int).tolist())
+def denoising_strip(
+    pipeline, labels: list[str], num_inference_steps: int, guidance_scale: float, num_frames: int = 8, seed: int = 0
+) -> tuple[Image.Image, list[int]]:
+    """The denoising of one label set as a captioned strip of `num_frames` steps, and the timesteps it shows."""
+    # Each frame is another step: more frames than steps would only repeat them (and 10**10 would take 80 GB here).
+    num_frames = min(num_frames, num_inference_steps)
+    keep = set(np.linspace(0, num_inference_steps - 1, num_frames).round().astype(int).tolist())
     frames = []
 
     def capture(pipe, step, timestep, tensors):
         if step in keep:
             frames.append((int(timestep), (tensors["image"][:1] / 2 + 0.5).clamp(0, 1)))
 
-    generator = torch.Generator(args.device).manual_seed(args.seed)
+    generator = torch.Generator(pipeline.device).manual_seed(seed)
     pipeline.set_progress_bar_config(desc="denoising", unit="step")
-    pipeline([labels], args.num_inference_steps, args.guidance_scale, generator=generator, callback_on_step_end=capture)
+    pipeline([labels], num_inference_steps, guidance_scale, generator=generator, callback_on_step_end=capture)
     captions = [[f"t={timestep}", *labels] for timestep, _ in frames]
     images = [image[0].mul(255).round().byte().cpu() for _, image in frames]
-    save_captioned_grid(args.output, images, captions, columns=len(frames))
-    print(f"denoising of {labels} at t = {[t for t, _ in frames]} drawn to {args.output}")
+    return captioned_grid(images, captions, columns=len(frames)), [timestep for timestep, _ in frames]
+
+
+def denoise(args):
+    class_names = read_objects_json(args.objects_json)
+    pipeline = load_pipeline(args.pipeline, class_names, args.device)
+    set_scheduler(pipeline, args.scheduler)
+    check_num_inference_steps(pipeline, args.num_inference_steps)
+    labels = [name.strip() for name in args.labels.split(",") if name.strip()]
+    multi_hot([labels], class_names)  # fail on a bad name before sampling
+    check_file_output(
+        f"--output {args.output}", Path(args.output), {"--pipeline": args.pipeline, "--objects_json": args.objects_json}
+    )
+    strip, timesteps = denoising_strip(
+        pipeline, labels, args.num_inference_steps, args.guidance_scale, args.num_frames, args.seed
+    )
+    atomic_write(args.output, lambda temporary: strip.save(temporary, format="PNG"))
+    print(f"denoising of {labels} at t = {timesteps} drawn to {args.output}")
 
 
 # --- Command line --------------------------------------------------------------------------------------------------
