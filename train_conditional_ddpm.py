@@ -49,6 +49,7 @@ from cond_ddpm.atomic_io import (
     staged_directory,
 )
 from cond_ddpm.data import (
+    MAX_SCENES,
     NEW_TEST_JSON,
     OBJECTS_JSON,
     TEST_JSON,
@@ -141,8 +142,9 @@ def find_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, training_state: dict, total_limit):
-    """Save the full training state as `checkpoint-{step}`, whole or not at all, then prune the oldest."""
+def save_checkpoint(accelerator, output_dir: Path, step: int, training_state: dict, total_limit, expected_size=0):
+    """Save the full training state as `checkpoint-{step}`, whole or not at all, then prune the oldest.
+    `expected_size` (bytes) is what a full disk is told the checkpoint needs before any was written."""
     final = output_dir / f"checkpoint-{step}"
     staging = output_dir / f"{INCOMPLETE_PREFIX}{final.name}"  # one name for all processes, which all write into it
     if accelerator.is_main_process:
@@ -158,7 +160,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, training_state: di
             )
     except Exception as error:
         if accelerator.is_main_process:
-            raise failed_save(error, staging, final) from error
+            raise failed_save(error, staging, final, expected_size) from error
         raise
     if accelerator.is_main_process:
         if final.exists():
@@ -175,7 +177,13 @@ def folder_size(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def failed_save(error: Exception, staging: Path, final: Path) -> Exception:
+def expected_checkpoint_size(model: nn.Module, emas: dict) -> int:
+    """About the bytes of one checkpoint: the weights, AdamW's two moments and the EMA copy."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return weights * (3 + bool(emas))
+
+
+def failed_save(error: Exception, staging: Path, final: Path, expected_size: int = 0) -> Exception:
     """Remove the partial checkpoint of a failed save, and say what a full disk needs in one line.
 
     Libraries report a full disk in many ways (OSError ENOSPC, safetensors' SafetensorError, torch's
@@ -184,7 +192,7 @@ def failed_save(error: Exception, staging: Path, final: Path) -> Exception:
     written, free = folder_size(staging), shutil.disk_usage(final.parent).free
     shutil.rmtree(staging, ignore_errors=True)
     whole = find_checkpoints(final.parent)
-    needed = max(written, folder_size(whole[-1]) if whole else 0)
+    needed = max(written, folder_size(whole[-1]) if whole else 0, expected_size)
     codes = {getattr(e, "errno", None) for e in (error, error.__cause__, error.__context__)}
     if not (codes & {errno.ENOSPC, errno.EDQUOT} or "No space left" in str(error) or free < needed - written):
         return error
@@ -204,6 +212,16 @@ def check_finite(loss: float, step: int, output_dir: Path, verified_step: int):
             f"the training loss became {loss} by step {step}; the last good checkpoint is"
             f" {last[-1] if last else 'none (none was saved yet)'}. Resume from it with a lower --learning_rate,"
             " or with --mixed_precision no"
+        )
+
+
+def check_finite_weights(model: nn.Module, step: int, output_dir: Path):
+    """Refuse to save weights that are not finite: a diverged model must never become a checkpoint or a pipeline."""
+    if not torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all():
+        last = find_checkpoints(output_dir)
+        raise FloatingPointError(
+            f"the weights became infinite or NaN by step {step}; nothing was saved. The last checkpoint is"
+            f" {last[-1] if last else 'none'}. Resume from it with a lower --learning_rate or with --mixed_precision no"
         )
 
 
@@ -230,6 +248,11 @@ def checkpoint_damage(checkpoint: Path) -> str | None:
         return f"{state_file} is not valid JSON ({error})"
     if not isinstance(state, dict) or type(state.get("global_step")) is not int:
         return f"{state_file} has no global_step"
+    if state["global_step"] < 1:
+        return f"{state_file} says global_step {state['global_step']}, and a checkpoint is saved after a step"
+    named = checkpoint.name.split("-")
+    if named[0] == "checkpoint" and named[-1].isdigit() and int(named[-1]) != state["global_step"]:
+        return f"{state_file} says global_step {state['global_step']}, but the folder is named {checkpoint.name}"
     required = ["model_index.json", "optimizer.bin", "scheduler.bin"]
     required += [f"random_states_{i}.pkl" for i in range(state.get("num_processes", 1))]
     missing = [name for name in required if not (checkpoint / name).is_file()]
@@ -496,7 +519,7 @@ def make_optimizer(args, accelerator, denoiser) -> torch.optim.Optimizer:
     )
 
 
-def resume(args, accelerator, output_dir: Path, training_state: dict) -> int:
+def resume(args, accelerator, output_dir: Path, training_state: dict, max_train_steps: int) -> int:
     """Load weights, EMA, optimizer, LR schedule and RNG states from the checkpoint asked for; return its step
     (0 when there is none to resume)."""
     if not args.resume_from_checkpoint:
@@ -506,6 +529,15 @@ def resume(args, accelerator, output_dir: Path, training_state: dict) -> int:
         logger.warning(f"no finished checkpoint in {output_dir}; starting a new run", main_process_only=True)
         return 0
     step = check_resumable(checkpoint, training_state)
+    if step > max_train_steps:
+        raise ValueError(
+            f"{checkpoint} is at step {step}, past the {max_train_steps} steps this run is asked for; raise"
+            " --max_train_steps to continue it"
+        )
+    if args.use_ema and not (checkpoint / "ema").is_dir():
+        raise ValueError(
+            f"{checkpoint} holds no EMA weights (its run was trained with --no-use_ema); resume it with --no-use_ema"
+        )
     accelerator.load_state(str(checkpoint))
     logger.info(f"resumed from {checkpoint} at step {step}", main_process_only=True)
     return step
@@ -742,6 +774,11 @@ def train(args, held: ExitStack):
     class_names = dataset_class_names(dataset)
     validation_labels = held_out_label_sets(dataset, args.num_validation_images, args.seed)
     train_dataloader = make_dataloader(args, accelerator, dataset)
+    if len(train_dataloader) == 0:  # every batch is whole (drop_last), so a batch larger than the data makes none
+        raise ValueError(
+            f"--train_batch_size {args.train_batch_size} is larger than the dataset ({len(dataset)} images); lower it"
+            " or use more data"
+        )
 
     # Model, EMA copy, noise schedule.
     pipeline = CondDDPMPipeline.from_preset(
@@ -788,7 +825,9 @@ def train(args, held: ExitStack):
         )
 
     # Resume: the training state, then the data order up to the saved step.
-    global_step = resume(args, accelerator, output_dir, training_state)
+    global_step = resume(args, accelerator, output_dir, training_state, max_train_steps)
+    if global_step == max_train_steps:  # e.g. a run stopped while saving its pipeline: only the finish is left
+        logger.info(f"step {global_step} is the last one: saving the pipeline without training", main_process_only=True)
     first_epoch = global_step // steps_per_epoch
     resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
 
@@ -805,7 +844,7 @@ def train(args, held: ExitStack):
     )
     loss_log = LossLog(accelerator, output_dir, global_step)
     best_accuracy = -1.0
-    for epoch in range(first_epoch, num_epochs):
+    for epoch in range(first_epoch, num_epochs if global_step < max_train_steps else first_epoch):
         denoiser.train()
         skip = resume_batches if epoch == first_epoch else 0
         for batch in epoch_batches(accelerator, train_dataloader, epoch, skip):
@@ -823,7 +862,15 @@ def train(args, held: ExitStack):
             stop_now = stop.now(accelerator, sync_point)
             if stop_now or (args.checkpointing_steps and global_step % args.checkpointing_steps == 0):
                 loss_log.check_finite(global_step)
-                save_checkpoint(accelerator, output_dir, global_step, training_state, args.checkpoints_total_limit)
+                check_finite_weights(denoiser, global_step, output_dir)
+                save_checkpoint(
+                    accelerator,
+                    output_dir,
+                    global_step,
+                    training_state,
+                    args.checkpoints_total_limit,
+                    expected_checkpoint_size(denoiser, emas),
+                )
             if stop_now:
                 logger.info(f"stop requested: checkpoint-{global_step} saved, stopping", main_process_only=True)
                 stop.restore()
@@ -861,6 +908,7 @@ def train(args, held: ExitStack):
     if accelerator.is_main_process:
         with ema_weights(accelerator, denoiser, emas):
             scorer = evaluator if stop.received is None else None  # a stop request skips the final scores
+            check_finite_weights(denoiser, global_step, output_dir)
             pipeline = build_pipeline(accelerator, denoiser, noise_scheduler)
             save_final(args, accelerator, pipeline, scorer, global_step, repo_id)
     progress.close()
@@ -888,7 +936,9 @@ def build_parser() -> cli.ArgumentParser:
     data.add_argument("--cache_dir", help="where Hub datasets are downloaded (default: datasets' own cache)")
     data.add_argument("--image_column", default="image", help="the image column of --dataset_name")
     data.add_argument("--label_column", default="objects", help="per image: a list of object names or ClassLabels")
-    data.add_argument("--synthetic_scenes", type=cli.positive_int, help="size of the built-in set (3 images each)")
+    data.add_argument(
+        "--synthetic_scenes", type=cli.integer(1, MAX_SCENES), help="size of the built-in set (3 images each)"
+    )
     data.add_argument("--resolution", type=cli.resolution, help="images are resized to this square size")
     data.add_argument(
         "--random_flip",
@@ -926,7 +976,11 @@ def build_parser() -> cli.ArgumentParser:
     optim.add_argument(
         "--gradient_accumulation_steps", type=cli.positive_int, default=1, help="batches summed per optimiser step"
     )
-    optim.add_argument("--learning_rate", type=cli.positive_float, help="AdamW's peak learning rate")
+    optim.add_argument(  # at most 1: beyond it each step throws the weights far past anything trained
+        "--learning_rate",
+        type=cli.number(0, 1, low_open=True, what="a learning rate"),
+        help="AdamW's peak learning rate",
+    )
     optim.add_argument(
         "--lr_scheduler",
         default="cosine",
@@ -1031,6 +1085,11 @@ def check_args(parser, args):
         parser.error("give either --dataset_name or --train_data_dir, not both")
     if bool(args.train_data_dir) != bool(args.train_json):
         parser.error("--train_data_dir and --train_json go together (the real i-CLEVR layout)")
+    if args.objects_json != str(OBJECTS_JSON) and not (args.train_data_dir or args.dataset_name):
+        parser.error(
+            f"--objects_json {args.objects_json} goes with --train_data_dir or --dataset_name; the built-in synthetic"
+            " set brings its own"
+        )
     levels = len(PRESETS[args.preset]["block_out_channels"]) - 1
     if args.resolution % 2**levels:
         parser.error(f"--resolution {args.resolution} must be a multiple of {2**levels} for the {args.preset!r} preset")
@@ -1046,7 +1105,8 @@ def check_args(parser, args):
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         parser.error(f"--output_dir {output_dir} exists and is not a folder")
-    if not Path(args.logging_dir).parts:
+    logging_dir = Path(args.logging_dir)
+    if not logging_dir.parts or logging_dir.is_absolute() or ".." in logging_dir.parts:
         parser.error(f"--logging_dir {args.logging_dir!r} must name a folder inside --output_dir, such as logs")
     logs = Path(args.logging_dir).parts[0]  # a nested --logging_dir (a/b) lives in the folder `a`
     occupied = output_dir.is_dir() and any(p.name not in (logs, LOCK_NAME) for p in output_dir.iterdir())

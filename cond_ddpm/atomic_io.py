@@ -16,8 +16,9 @@ LOCK_NAME = ".lock"  # the file a process holds locked while it owns a folder (s
 
 
 def _staging_name(final: Path, folder: Path | None = None) -> Path:
-    # Not tempfile.mkdtemp/mkstemp: those make owner-only (0700/0600) outputs; these get the usual umask.
-    return (folder or final.parent) / f"{INCOMPLETE_PREFIX}{final.name}-{secrets.token_hex(4)}"
+    # Not tempfile.mkdtemp/mkstemp: those make owner-only (0700/0600) outputs; these get the usual umask. The name is
+    # cut short so that a final name near the file system's 255-byte limit still has a staging name.
+    return (folder or final.parent) / f"{INCOMPLETE_PREFIX}{final.name[:200]}-{secrets.token_hex(4)}"
 
 
 @contextmanager
@@ -28,18 +29,21 @@ def staged_directory(final, overwrite: bool = False):
     after the new folder is complete, so it survives every failure before that point.
     """
     final = Path(final)
-    if final.exists() and not overwrite and (not final.is_dir() or any(final.iterdir())):
+    if final.exists() and not final.is_dir():  # a folder's writer replaces folders only, never the user's file
+        raise FileExistsError(f"{final} is a file, and a folder is to be written there; choose another path")
+    if final.exists() and not overwrite and any(final.iterdir()):
         raise FileExistsError(f"{final} already exists and is not empty; choose another path or allow overwriting it")
-    final.parent.mkdir(parents=True, exist_ok=True)
     staging = _staging_name(final)
-    staging.mkdir()
+    with _naming(final):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
     try:
         yield staging
         if final.exists():
             retired = _staging_name(final)
             final.replace(retired)
             staging.replace(final)
-            shutil.rmtree(retired) if retired.is_dir() else retired.unlink()
+            shutil.rmtree(retired)
         else:
             staging.replace(final)
     except BaseException:
@@ -77,15 +81,33 @@ def staged_contents(folder, marker: str):
 def atomic_write(path, write) -> Path:
     """Call `write(temporary_path)`, then rename the temporary file to `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; a file is to be written there")
+    if path.exists() and not path.is_file():  # a device, a pipe or a socket: replacing it would remove it
+        raise FileExistsError(f"{path} is not a regular file; choose a file's path to write to")
     temporary = _staging_name(path)
     try:
-        write(temporary)
-        os.replace(temporary, path)
+        with _naming(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(temporary)
+            os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
     return path
+
+
+@contextmanager
+def _naming(path: Path):
+    """An OSError raised while writing names `path`, the user's path, not the staging name beside it."""
+    try:
+        yield
+    except OSError as error:
+        if INCOMPLETE_PREFIX not in f"{error.filename} {error.filename2}":
+            raise
+        if error.errno is None:
+            raise OSError(f"cannot write {path}: {error}") from error
+        raise type(error)(error.errno, f"cannot write {path}: {error.strerror}") from error
 
 
 def atomic_write_text(path, text: str) -> Path:

@@ -37,10 +37,14 @@ OBJECTS_JSON = SPEC_DIR / "objects.json"
 TEST_JSON = SPEC_DIR / "test.json"
 NEW_TEST_JSON = SPEC_DIR / "new_test.json"
 CACHE_DIR = Path(os.environ.get("COND_DDPM_CACHE", Path.home() / ".cache" / "cond-ddpm"))
+MAX_SCENES = 100_000  # 300,000 images, 17 times i-CLEVR's training set: more is a typo, not a dataset
+BYTES_PER_SCENE = 50_000  # its three 320x240 PNGs, measured at about 45 kB
 
 
 def _read_json(path):
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; a JSON file is expected here")
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     try:
@@ -92,12 +96,14 @@ def build_dataset(train_data_dir, train_json, objects_json=OBJECTS_JSON) -> Data
     if not entries:
         raise ValueError(f"{train_json} lists no images: the dataset would be empty")
     image_dir = Path(train_data_dir)
+    if image_dir.exists() and not image_dir.is_dir():
+        raise NotADirectoryError(f"{image_dir} is a file; the images are read from a folder (--train_data_dir)")
     if not image_dir.is_dir():
         raise FileNotFoundError(f"image folder {image_dir} does not exist")
     paths, objects = [], []
     for file_name, label_set in tqdm(entries.items(), desc="checking images", unit="image"):
         _check_label_set(label_set, class_names, f"{train_json}, entry {file_name!r}")
-        path = image_dir / file_name
+        path = image_path(image_dir, file_name, train_json)
         if not path.is_file():
             raise FileNotFoundError(f"{train_json} lists {file_name!r}, but {path} does not exist")
         _check_image_header(path)
@@ -107,12 +113,27 @@ def build_dataset(train_data_dir, train_json, objects_json=OBJECTS_JSON) -> Data
     return Dataset.from_dict({"image": paths, "objects": objects}, features=features)
 
 
+def image_path(image_dir: Path, file_name: str, train_json) -> Path:
+    """`image_dir / file_name`, refused when the name leads outside the image folder (an absolute path, or `..`):
+    a command reads only inside the folders it was given."""
+    if Path(file_name).is_absolute() or ".." in Path(file_name).parts:
+        raise ValueError(
+            f"{train_json} lists {file_name!r}, which is outside the image folder {image_dir}; image names are paths"
+            " inside that folder, such as CLEVR_train_000000_0.png"
+        )
+    return image_dir / file_name
+
+
+# What PIL raises on a file it cannot decode; DecompressionBombError is a header claiming billions of pixels.
+UNREADABLE_IMAGE = (OSError, SyntaxError, ValueError, PILImage.DecompressionBombError)
+
+
 def _check_image_header(path):
     # Reading the header of every file up front is cheap, and turns a bad file into an error before training.
     try:
         with PILImage.open(path):
             pass
-    except (OSError, SyntaxError, ValueError) as error:
+    except UNREADABLE_IMAGE as error:
         raise ValueError(f"cannot read image {path}: {error}") from None
 
 
@@ -218,7 +239,7 @@ def open_rgb(image) -> PILImage.Image:
             if img.mode.startswith("I"):  # 16-bit grey: convert("RGB") would clip every value above 255 to white
                 img = PILImage.fromarray((np.asarray(img, dtype=np.float64) / 257).round().astype(np.uint8))
             return img.convert("RGB")  # i-CLEVR's PNGs are RGBA with an opaque alpha
-    except (OSError, SyntaxError, ValueError) as error:
+    except UNREADABLE_IMAGE as error:
         raise ValueError(f"cannot read image {image['path'] or '(embedded bytes)'}: {error}") from None
 
 
@@ -299,8 +320,14 @@ def synthesize(output_dir, num_scenes: int, seed: int = 0, num_workers: int | No
 
     The folder appears whole or not at all (see `atomic_io.staged_directory`).
     """
-    if not isinstance(num_scenes, int) or num_scenes < 1:
-        raise ValueError(f"num_scenes must be a positive integer, got {num_scenes!r}")
+    if not isinstance(num_scenes, int) or not 1 <= num_scenes <= MAX_SCENES:
+        raise ValueError(f"num_scenes must be an integer from 1 to {MAX_SCENES}, got {num_scenes!r}")
+    disk = Path(output_dir).resolve()
+    while not disk.exists():  # the nearest existing folder holds the disk it will be written to
+        disk = disk.parent
+    needed, free = num_scenes * BYTES_PER_SCENE, shutil.disk_usage(disk).free
+    if needed > free:
+        raise OSError(f"{num_scenes} scenes need about {needed:,} bytes in {disk}, and {free:,} are free")
     class_names = read_objects_json(OBJECTS_JSON)
     with staged_directory(output_dir) as staging:
         (staging / "images").mkdir()
@@ -335,7 +362,7 @@ def preview(dataset_dir, output, num_images: int = 12, columns: int = 3, tile: i
     if not isinstance(labels_by_file, dict):
         raise ValueError(f"{dataset_dir / 'train.json'} must map image file names to lists of object names")
     entries = list(labels_by_file.items())[:num_images]
-    images = [open_rgb(dataset_dir / "images" / file_name) for file_name, _ in entries]
+    images = [open_rgb(image_path(dataset_dir / "images", name, dataset_dir / "train.json")) for name, _ in entries]
     return save_captioned_grid(output, images, [labels for _, labels in entries], columns, tile)
 
 
@@ -363,7 +390,10 @@ def main(argv=None):
     render = command("synthesize", "render a synthetic i-CLEVR folder")
     render.add_argument("--output_dir", required=True, help="the folder to create (images/, train.json, objects.json)")
     render.add_argument(
-        "--num_scenes", type=cli.positive_int, default=1000, help="each scene gives 3 images (1, 2, 3 objects)"
+        "--num_scenes",
+        type=cli.integer(1, MAX_SCENES),
+        default=1000,
+        help="each scene gives 3 images (1, 2, 3 objects)",
     )
     render.add_argument("--seed", type=cli.seed, default=0, help="another seed renders other scenes")
     render.add_argument(

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -275,7 +276,7 @@ def test_synthesize_refuses_a_non_empty_folder_and_bad_counts(tmp_path):
     with pytest.raises(FileExistsError, match="taken already exists and is not empty"):
         synthesize(tmp_path / "taken", num_scenes=1)
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
-    with pytest.raises(ValueError, match="num_scenes must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="num_scenes must be an integer from 1 to 100000, got 0"):
         synthesize(tmp_path / "new", num_scenes=0)
 
 
@@ -284,3 +285,12 @@ def test_preview_draws_images_with_their_labels(synthetic_dir, tmp_path):
     with PILImage.open(output) as sheet:
         assert sheet.size == (3 * 256, 2 * (192 + 42))
         assert len(np.unique(np.asarray(sheet.convert("L")))) > 50  # pictures, not an empty sheet
+
+
+def test_rendering_more_scenes_than_the_disk_holds_is_refused_before_any_is_drawn(tmp_path, monkeypatch):
+    monkeypatch.setattr(iclevr_data.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 0, 10**6))
+    with pytest.raises(OSError, match=r"100 scenes need about 5,000,000 bytes in .*, and 1,000,000 are free"):
+        iclevr_data.synthesize(tmp_path / "new" / "set", num_scenes=100)
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(ValueError, match=r"num_scenes must be an integer from 1 to 100000, got 100000000"):
+        iclevr_data.synthesize(tmp_path / "huge", num_scenes=100_000_000)

@@ -9,9 +9,11 @@ import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -223,24 +225,24 @@ def test_a_failed_directory_write_keeps_the_old_directory(tmp_path):
 # --- Guards ----------------------------------------------------------------------------------------------------------
 
 
-def test_a_diverging_loss_stops_the_run_with_a_clear_message(tmp_path, synthetic_dir):
-    result = run_python(
-        "train_conditional_ddpm.py",
-        *training_args(tmp_path / "nan", synthetic_dir, "--max_train_steps", 20, "--checkpointing_steps", 1),
-        "--learning_rate",
-        "1e30",
-        "--max_grad_norm",
-        "0",
-        "--lr_warmup_steps",
-        "0",
-        "--lr_scheduler",
-        "constant",
-    )
-    assert result.returncode == 1
-    assert re.search(
-        r"error: the training loss became (nan|inf) by step \d+; the last good checkpoint is", result.stderr
-    )
-    assert "Traceback" not in result.stderr
+def test_a_diverging_loss_stops_the_run_with_a_clear_message(tmp_path, synthetic_dir, monkeypatch):
+    real_loss = train_conditional_ddpm.diffusion_loss
+
+    def diverging_loss(args, denoiser, noise_scheduler, batch):  # finite for 3 steps, as a run that blows up later
+        loss = real_loss(args, denoiser, noise_scheduler, batch)
+        diverging_loss.steps += 1
+        return loss if diverging_loss.steps <= 3 else loss * float("nan")
+
+    diverging_loss.steps = 0
+    monkeypatch.setattr(train_conditional_ddpm, "diffusion_loss", diverging_loss)
+    args = training_args(tmp_path / "nan", synthetic_dir, "--max_train_steps", 20, "--checkpointing_steps", 2)
+    with pytest.raises(SystemExit) as stopped:
+        train_main(args)
+    assert re.fullmatch(
+        rf"error: the training loss became nan by step \d+; the last good checkpoint is"
+        rf" {tmp_path / 'nan' / 'checkpoint-2'}\. .*",
+        str(stopped.value.code),
+    ), stopped.value.code
     assert not (tmp_path / "nan" / "model_index.json").exists()
 
 
@@ -316,6 +318,55 @@ def test_resuming_with_another_batch_size_warns_and_goes_on(tiny_checkpoint, syn
     assert (resumed / "model_index.json").is_file()
 
 
+def test_resuming_a_checkpoint_past_max_train_steps_is_refused(tiny_checkpoint, synthetic_dir, tmp_path):
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tiny_checkpoint, resumed)
+    final_pipeline = (resumed / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    args = training_args(resumed, synthetic_dir, "--max_train_steps", 1, "--resume_from_checkpoint", "latest")
+    with pytest.raises(SystemExit, match=r"checkpoint-2 is at step 2, past the 1 steps this run is asked for"):
+        train_main(args)
+    assert not (resumed / "checkpoint-3").exists()
+    assert (resumed / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == final_pipeline
+
+
+def test_resuming_the_last_step_saves_the_pipeline_without_training(tiny_checkpoint, synthetic_dir, tmp_path, caplog):
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tiny_checkpoint / "checkpoint-2", resumed / "checkpoint-2")  # a run stopped before its final save
+    args = training_args(resumed, synthetic_dir, "--max_train_steps", 2, "--resume_from_checkpoint", "latest")
+    with caplog.at_level(logging.INFO):
+        train_main(args)
+    assert "step 2 is the last one: saving the pipeline without training" in caplog.text
+    assert sorted(p.name for p in resumed.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert_same_weights(resumed, tiny_checkpoint)  # the same EMA weights as the run's own final save
+
+
+def test_resuming_a_checkpoint_without_ema_weights_with_use_ema_is_refused(tiny_checkpoint, synthetic_dir, tmp_path):
+    checkpoint = tmp_path / "checkpoint-2"
+    shutil.copytree(tiny_checkpoint / "checkpoint-2", checkpoint)
+    shutil.rmtree(checkpoint / "ema")
+    args = training_args(
+        tmp_path / "run", synthetic_dir, "--max_train_steps", 3, "--resume_from_checkpoint", checkpoint
+    )
+    with pytest.raises(SystemExit, match=f"{checkpoint} holds no EMA weights .*; resume it with --no-use_ema"):
+        train_main(args)
+
+
+def test_weights_that_are_not_finite_are_never_saved(tmp_path, tiny_pipeline):
+    model = train_conditional_ddpm.Denoiser(tiny_pipeline.unet, tiny_pipeline.label_embedding)
+    train_conditional_ddpm.check_finite_weights(model, 5, tmp_path)  # finite: nothing to say
+    with torch.no_grad():
+        next(model.parameters())[0] = float("nan")
+    with pytest.raises(FloatingPointError, match="the weights became infinite or NaN by step 5; nothing was saved"):
+        train_conditional_ddpm.check_finite_weights(model, 5, tmp_path)
+
+
+def test_images_that_are_not_finite_are_never_scored(tiny_pipeline):
+    with torch.no_grad():  # a diverged model: every image NaN, which 8-bit pixels would turn black
+        tiny_pipeline.unet.conv_out.bias.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="the pipeline drew NaN or infinite pixels"):
+        evaluate_iclevr.generate(tiny_pipeline, [["red cube"]], num_inference_steps=2, guidance_scale=1.0)
+
+
 # --- Security --------------------------------------------------------------------------------------------------------
 
 
@@ -345,10 +396,19 @@ def cli_error(main, argv, capsys):
     return (1 if isinstance(code, str) else code), (code if isinstance(code, str) else capsys.readouterr().err)
 
 
+def decompression_bomb() -> bytes:
+    """A 57-byte PNG whose header claims 100000 x 100000 pixels."""
+    header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    chunks = [(b"IHDR", header), (b"IEND", b"")]
+    return b"\x89PNG\r\n\x1a\n" + b"".join(
+        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data)) for kind, data in chunks
+    )
+
+
 def bad_folder(tmp_path, kind):
     from PIL import Image
 
-    (tmp_path / "images").mkdir(exist_ok=True)
+    (tmp_path / "images").mkdir(parents=True, exist_ok=True)
     Image.new("RGBA", (320, 240)).save(tmp_path / "images" / "a.png")
     entries = {"a.png": ["red cube"]}
     if kind == "missing-image":
@@ -357,6 +417,16 @@ def bad_folder(tmp_path, kind):
         entries["a.png"] = ["red cone"]
     if kind == "unreadable":
         (tmp_path / "images" / "a.png").write_bytes(b"\x89PNG broken")
+    if kind == "bomb":
+        (tmp_path / "images" / "a.png").write_bytes(decompression_bomb())
+    if kind == "outside":  # a file beside the image folder, named through it
+        Image.new("RGBA", (320, 240)).save(tmp_path / "secret.png")
+        entries = {"../secret.png": ["red cube"]}
+    if kind == "absolute":
+        entries = {str(tmp_path / "images" / "a.png"): ["red cube"]}
+    if kind == "file-as-folder":
+        (tmp_path / "train.json").write_text(json.dumps(entries))
+        return ["--train_data_dir", str(tmp_path / "train.json"), "--train_json", str(tmp_path / "train.json")]
     text = "{}" if kind == "empty" else "{not json" if kind == "malformed" else json.dumps(entries)
     (tmp_path / "train.json").write_text(text)
     return ["--train_data_dir", str(tmp_path / "images"), "--train_json", str(tmp_path / "train.json")]
@@ -382,7 +452,7 @@ SWEEP = [
     # (command, arguments (TMP = a fresh folder, DATA:kind = a broken data folder), expected message)
     ("train", ["--preset", "gpu", "--resolution", "60"], "--resolution 60 must be a multiple of 8"),
     ("train", ["--resolution", "-32"], "argument --resolution: must be an integer from 1 to 1024, got '-32'"),
-    ("train", ["--learning_rate", "0"], "argument --learning_rate: must be a positive number, got '0'"),
+    ("train", ["--learning_rate", "0"], r"argument --learning_rate: must be a learning rate in \(0, 1\], got '0'"),
     ("train", ["--train_batch_size", "two"], "argument --train_batch_size: must be a positive integer, got 'two'"),
     (
         "train",
@@ -396,7 +466,7 @@ SWEEP = [
     ("train", ["--ema_inv_gamma", "0"], "argument --ema_inv_gamma: must be a positive number, got '0'"),
     ("train", ["--guidance_scale", "inf"], r"argument --guidance_scale: must be a number in \[0, 100\], got 'inf'"),
     ("train", ["--resolution", "100000"], "argument --resolution: must be an integer from 1 to 1024, got '100000'"),
-    ("train", ["--learning_rate", "inf"], "argument --learning_rate: must be a positive number, got 'inf'"),
+    ("train", ["--learning_rate", "inf"], r"argument --learning_rate: must be a learning rate in \(0, 1\], got 'inf'"),
     ("train", ["--adam_beta2", "1"], r"argument --adam_beta2: must be a probability in \[0, 1\), got '1'"),
     ("train", ["--ema_max_decay", "1.5"], r"argument --ema_max_decay: must be a number in \[0, 1\], got '1.5'"),
     ("train", ["--seed", "-1"], "argument --seed: must be an integer from 0 to 4294967295, got '-1'"),
@@ -415,10 +485,30 @@ SWEEP = [
     ("train", ["DATA:unreadable"], "cannot read image .*a.png"),
     ("train", ["DATA:empty"], "lists no images: the dataset would be empty"),
     ("train", ["DATA:malformed"], "train.json is not valid JSON"),
+    ("train", ["DATA:bomb"], "cannot read image .*a.png: Image size .* exceeds limit"),
+    ("train", ["DATA:outside"], "lists '../secret.png', which is outside the image folder"),
+    ("train", ["DATA:absolute"], "lists '/.*a.png', which is outside the image folder"),
+    ("train", ["DATA:file-as-folder"], "train.json is a file; the images are read from a folder"),
+    ("train", ["DATA:ok", "--train_batch_size", "2"], r"--train_batch_size 2 is larger than the dataset \(1 images\)"),
+    ("train", ["DATA:ok", "--objects_json", "TMP"], "is a folder; a JSON file is expected here"),
+    ("train", ["--objects_json", "TMP/objects.json"], "goes with --train_data_dir or --dataset_name"),
+    ("train", ["--logging_dir", "../elsewhere"], "--logging_dir '../elsewhere' must name a folder inside --output_dir"),
+    ("train", ["--logging_dir", "/tmp/elsewhere"], "--logging_dir '/tmp/elsewhere' must name a folder inside"),
+    (
+        "train",
+        ["--learning_rate", "1e30"],
+        r"argument --learning_rate: must be a learning rate in \(0, 1\], got '1e30'",
+    ),
+    ("train", ["--synthetic_scenes", "100000000"], "argument --synthetic_scenes: must be an integer from 1 to 100000"),
+    ("data", ["synthesize", "--output_dir", "TMP/x", "--num_scenes", "100000000"], "must be an integer from 1 to"),
+    ("data", ["preview", "--dataset_dir", "BOMB", "--output", "TMP/p.png"], "cannot read image .*a.png: Image size"),
+    ("data", ["preview", "--dataset_dir", "OUTSIDE", "--output", "TMP/p.png"], "which is outside the image folder"),
+    ("data", ["preview", "--dataset_dir", "OK", "--output", "TMP"], "is a folder; a file is to be written there"),
+    ("data", ["preview", "--dataset_dir", "OK", "--output", "/dev/null"], "/dev/null is not a regular file"),
     (
         "data",
         ["synthesize", "--output_dir", "TMP", "--num_scenes", "0"],
-        "argument --num_scenes: must be a positive integer, got '0'",
+        "argument --num_scenes: must be an integer from 1 to 100000, got '0'",
     ),
     ("data", ["synthesize", "--output_dir", "NONEMPTY", "--num_scenes", "1"], "already exists and is not empty"),
     ("data", ["synthesize", "--output_dir", "TMP", "--seed", "-1"], "argument --seed: must be an integer from 0"),
@@ -539,7 +629,12 @@ def test_bad_input_sweep(
     torch.save({"weights": {}}, tmp_path / "bad.pth")
     (tmp_path / "listed").mkdir()
     (tmp_path / "listed" / "train.json").write_text(json.dumps([["red cube"]]))
+    for kind in ("bomb", "outside", "ok"):  # i-CLEVR-style folders, for the commands that take one
+        bad_folder(tmp_path / kind, kind)
     places = {
+        "BOMB": str(tmp_path / "bomb"),
+        "OUTSIDE": str(tmp_path / "outside"),
+        "OK": str(tmp_path / "ok"),
         "TMP": str(tmp_path),
         "LISTED": str(tmp_path / "listed"),
         "NONEMPTY": str(tmp_path / "nonempty"),
@@ -556,7 +651,8 @@ def test_bad_input_sweep(
         else:
             resolved.append(
                 re.sub(
-                    r"^(TMP|LISTED|NONEMPTY|PIPELINE|CHECKPOINT|BAD_CHECKPOINT|SWAPPED_VOCABULARY|UNKNOWN_LABELS)",
+                    r"^(BOMB|OUTSIDE|OK|TMP|LISTED|NONEMPTY|PIPELINE|CHECKPOINT|BAD_CHECKPOINT|SWAPPED_VOCABULARY"
+                    r"|UNKNOWN_LABELS)",
                     lambda m: places[m.group(1)],
                     arg,
                 )
@@ -655,6 +751,30 @@ def test_a_full_disk_removes_the_partial_checkpoint_and_says_what_it_needs(
     assert train_conditional_ddpm.checkpoint_damage(output_dir / "checkpoint-2") is None
 
 
+def test_a_full_disk_at_the_first_checkpoint_is_told_the_checkpoints_real_size(
+    tmp_path, synthetic_dir, monkeypatch, tiny_pipeline
+):
+    real_save = torch.save
+
+    def save(obj, path, *args, **kwargs):
+        if "checkpoint-2" in str(path):
+            storage_full()
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr("torch.save", save)
+    with pytest.raises(SystemExit) as stopped:
+        train_main(training_args(tmp_path / "run", synthetic_dir, "--max_train_steps", 4, "--checkpointing_steps", 2))
+    needed = int(
+        re.search(r"checkpoint-2 needs about ([\d,]+) bytes", str(stopped.value.code)).group(1).replace(",", "")
+    )
+    weights = sum(
+        p.numel() * p.element_size()
+        for module in (tiny_pipeline.unet, tiny_pipeline.label_embedding)
+        for p in module.parameters()
+    )
+    assert needed >= 3 * weights  # the weights, AdamW's two moments (and the EMA copy), not a few hundred bytes
+
+
 @pytest.fixture
 def python_sigint():
     """Python's own SIGINT handler, as in a terminal: a shell starts background jobs with SIGINT ignored."""
@@ -729,6 +849,10 @@ def damage(checkpoint, how):
         del state["global_step"]
         state_file.write_text(json.dumps(state))
         return "training_state.json has no global_step"
+    if how in ("negative-global-step", "global-step-past-its-name"):
+        step = -5 if how == "negative-global-step" else 10**12
+        state_file.write_text(json.dumps(json.loads(state_file.read_text()) | {"global_step": step}))
+        return f"training_state.json says global_step {step}"
     state_file.write_text("{not json")
     return "training_state.json is not valid JSON"
 
@@ -739,6 +863,8 @@ DAMAGES = [
     "optimizer-corrupt",
     "weights-corrupt",
     "no-global-step",
+    "negative-global-step",
+    "global-step-past-its-name",
     "state-not-json",
 ]
 
