@@ -4,13 +4,13 @@ BIN := $(VENV)/bin
 # This torch pair installs from the local disk on the project's CI machines; override TORCH elsewhere if needed.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: train quick test print-torch
+.PHONY: train quick test demo print-torch
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test,demo]"
 	touch $@
 
 # One process on all cores of this machine; tqdm shows the steps done and the time left.
@@ -33,6 +33,11 @@ quick: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
+
+# The browser demo (app.py) of the pipeline `make train` saves; PIPELINE=folder-or-hub-id shows another.
+PIPELINE ?= runs/cpu-synthetic
+demo: $(VENV)/.installed
+	$(BIN)/python app.py --pipeline $(PIPELINE)
 
 # The torch pair, for .ci/install_check's fresh environment.
 print-torch:
