@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from launch import one_process_training_command  # noqa: E402
-from quality import LABEL_FILES  # noqa: E402
+from quality import LABEL_FILES, checkpoints  # noqa: E402
 from throughput import bare_loop, in_own_process, logged_images_per_second  # noqa: E402
 
 from cond_ddpm import cli  # noqa: E402
@@ -233,6 +233,11 @@ def main():
         peak_gpu_memory_mib=memory.peak_mib,
     )
 
+    if quality["exit_code"] != 0:
+        summary.stage("throughput", throughput={"skipped": "the quality run failed, so there is no training log"})
+        sys.exit(
+            f"error: quality.py exited with code {quality['exit_code']}; {results_dir / 'summary.md'} has the rest"
+        )
     bare = in_own_process(
         bare_loop,
         settings.preset,
@@ -243,11 +248,6 @@ def main():
         True,  # channels_last, as the training script
         False,  # eager, as the training script without --compile
     )
-    if quality["exit_code"] != 0:
-        summary.stage("throughput", throughput={"skipped": "the quality run failed, so there is no training log"})
-        sys.exit(
-            f"error: quality.py exited with code {quality['exit_code']}; {results_dir / 'summary.md'} has the rest"
-        )
     try:
         script = logged_images_per_second(results_dir / "pipeline")
     except (KeyError, IndexError, StopIteration):  # a run stopped before two logging intervals logged no speed
@@ -267,7 +267,7 @@ def main():
     else:
         fp16 = fp16_run(quality["flags"], results_dir / "fp16")
     summary.stage("fp16", fp16=fp16)
-    for checkpoint in sorted((results_dir / "pipeline").glob("checkpoint-*"))[:-1]:  # the newest may be the model
+    for checkpoint in checkpoints(results_dir / "pipeline")[:-1]:  # the newest may be the model
         shutil.rmtree(checkpoint)
     print(markdown(summary.record))
 

@@ -282,13 +282,11 @@ def main():
     training = json.loads(training_record.read_text())
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    saved = checkpoints(run_dir)
     if (run_dir / "model_index.json").is_file():
         scored, pipeline = "the final pipeline", load_pipeline(run_dir, class_names, device)
-    elif checkpoints(run_dir):  # stopped by the clock: the newest checkpoint is the model
-        scored, pipeline = (
-            checkpoints(run_dir)[-1].name,
-            checkpoint_pipeline(checkpoints(run_dir)[-1], class_names, device),
-        )
+    elif saved:  # stopped by the clock: the newest checkpoint is the model
+        scored, pipeline = saved[-1].name, checkpoint_pipeline(saved[-1], class_names, device)
     else:
         parser.error(f"{run_dir} holds neither a saved pipeline nor a finished checkpoint to score")
     set_scheduler(pipeline, args.scheduler)
@@ -332,7 +330,7 @@ def main():
     if args.score_checkpoints:
         result["checkpoints"] = []
         held_out = {split: sets for split, sets in label_files.items() if split.startswith("held_out")}
-        for checkpoint in checkpoints(run_dir):
+        for checkpoint in saved:
             saved = (checkpoint / "training_state.json").stat().st_mtime
             started = training.get("training_started")  # absent from the records of runs before the clock was kept
             row = {"step": int(checkpoint.name.split("-")[1]), "minutes": started and (saved - started) / 60}
