@@ -31,7 +31,6 @@ DEFAULT_PIPELINE = "runs/cpu-synthetic"  # where `make train` saves
 MAX_TRAINED_OBJECTS = 3  # i-CLEVR's scenes, and the built-in synthetic ones, hold 1 to 3 objects
 MAX_IMAGES = 16  # two rows of the grid; more would keep a CPU busy for minutes
 GRID_COLUMNS = 4  # the default 8 images in two rows: large enough in the page to read their captions
-DENOISING_FRAMES = 8  # as `evaluate_iclevr.py denoise`
 
 
 def load_pipeline(location: str, device: str) -> CondDDPMPipeline:
@@ -103,7 +102,7 @@ def build_demo(pipeline: CondDDPMPipeline) -> gr.Blocks:
         grid = captioned_grid(images, [[f"seed {seed + i}", *objects] for i in range(num_images)], GRID_COLUMNS)
         strip = None
         if show_denoising:  # the sampler chosen above is the pipeline's scheduler now
-            strip, _ = evaluate_iclevr.denoising_strip(pipeline, objects, steps, guidance, DENOISING_FRAMES, seed)
+            strip, _ = evaluate_iclevr.denoising_strip(pipeline, objects, steps, guidance, seed=seed)
         return grid, gr.Image(strip, visible=strip is not None), note
 
     with gr.Blocks(title="cond-ddpm: i-CLEVR scenes", analytics_enabled=False) as demo:

@@ -54,6 +54,7 @@ from pipeline_cond_ddpm import (
 
 EVALUATOR_RESOLUTION = 64
 EVALUATOR_TRAIN_RESOLUTION = 32  # the course's evaluator saw 32x32 images upsampled to 64x64
+DENOISING_FRAMES = 8  # the steps a denoising strip shows: `denoise` and the demo
 # score holds a label file's images and its captioned grid in memory (the grid takes ~100 MB at 1000); the course's
 # files hold 32 label sets each.
 MAX_LABEL_SETS = 1000
@@ -471,7 +472,12 @@ def train_evaluator(args):
 
 
 def denoising_strip(
-    pipeline, labels: list[str], num_inference_steps: int, guidance_scale: float, num_frames: int = 8, seed: int = 0
+    pipeline,
+    labels: list[str],
+    num_inference_steps: int,
+    guidance_scale: float,
+    num_frames: int = DENOISING_FRAMES,
+    seed: int = 0,
 ) -> tuple[Image.Image, list[int]]:
     """The denoising of one label set as a captioned strip of `num_frames` steps, and the timesteps it shows."""
     # Each frame is another step: more frames than steps would only repeat them (and 10**10 would take 80 GB here).
@@ -568,7 +574,7 @@ def parse_args(argv=None):
     sampling_flags(sub, steps=1000)
     sub.set_defaults(scheduler="ddpm")
     sub.add_argument("--labels", required=True, help='comma-separated object names, e.g. "red sphere,cyan cube"')
-    sub.add_argument("--num_frames", type=cli.positive_int, default=8, help="steps drawn, evenly spaced")
+    sub.add_argument("--num_frames", type=cli.positive_int, default=DENOISING_FRAMES, help="steps drawn, evenly spaced")
     sub.add_argument("--output", required=True, help="the PNG to write")
     return parser.parse_args(argv)
 
