@@ -3,8 +3,8 @@
     python app.py --pipeline runs/cpu-synthetic    # a saved folder or a Hub id; then open http://127.0.0.1:7860
 
 The Gradio app beside the model, the file a Hugging Face Space runs (`app_file: app.py`). Its sampling defaults are
-the pipeline file's, its pictures are `cond_ddpm/grids.py`'s captioned grid and `evaluate_iclevr.py denoise`'s strip.
-Sampling runs on the GPU where there is one. Needs the demo extra: `pip install .[demo]`.
+the pipeline file's, its pictures are `cond_ddpm/grids.py`'s captioned grid and `cond_ddpm/sampling.py`'s denoising
+strip. Sampling runs on the GPU where there is one. Needs the demo extra: `pip install .[demo]`.
 """
 
 import math
@@ -14,8 +14,7 @@ from pathlib import Path
 import gradio as gr
 import torch
 
-import evaluate_iclevr
-from cond_ddpm import cli
+from cond_ddpm import cli, sampling
 from cond_ddpm.data import read_objects_json
 from cond_ddpm.grids import captioned_grid
 from pipeline_cond_ddpm import (
@@ -86,7 +85,7 @@ def build_demo(pipeline: CondDDPMPipeline) -> gr.Blocks:
         guidance = checked("guidance", guidance, 0, cli.MAX_GUIDANCE_SCALE)
         try:
             multi_hot([objects], class_names)  # names the unknown or repeated object before any sampling
-            evaluate_iclevr.set_scheduler(pipeline, scheduler)
+            sampling.set_scheduler(pipeline, scheduler)
         except ValueError as error:
             raise bad_input(str(error)) from None
         note = f"{num_images} image(s) of {', '.join(objects)}: {scheduler}, {steps} steps, guidance {guidance}."
@@ -102,7 +101,7 @@ def build_demo(pipeline: CondDDPMPipeline) -> gr.Blocks:
         grid = captioned_grid(images, [[f"seed {seed + i}", *objects] for i in range(num_images)], GRID_COLUMNS)
         strip = None
         if show_denoising:  # the sampler chosen above is the pipeline's scheduler now
-            strip, _ = evaluate_iclevr.denoising_strip(pipeline, objects, steps, guidance, seed=seed)
+            strip, _ = sampling.denoising_strip(pipeline, objects, steps, guidance, seed=seed)
         return grid, gr.Image(strip, visible=strip is not None), note
 
     with gr.Blocks(title="cond-ddpm: i-CLEVR scenes", analytics_enabled=False) as demo:

@@ -5,10 +5,8 @@
     python evaluate_iclevr.py train --train_data_dir DIR/images --train_json DIR/train.json --output evaluator.pth
     python evaluate_iclevr.py denoise --pipeline DIR --labels "red sphere,cyan cylinder,cyan cube" --output denoise.png
 
-The evaluator is the course's: a torchvision `resnet18` whose `fc` is `Sequential(Linear(512, 24), Sigmoid())`,
-saved as `{"model": state_dict}`, fed 64x64 images normalised to [-1, 1]. Accuracy counts, over all images of a
-label file, how many of the k top-scoring objects (k = objects in the image's label set) are in the label set,
-divided by the total number of labels.
+The evaluator (`cond_ddpm/evaluator.py`) is the course's ResNet18, saved as `{"model": state_dict}`; the scenes are
+drawn by `cond_ddpm/sampling.py`, image i of a label file with seed + i. This file is the command line around them.
 """
 
 import json
@@ -18,8 +16,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import nn
-from torchvision.models import resnet18
 from tqdm.auto import tqdm
 
 from cond_ddpm import cli
@@ -42,161 +38,37 @@ from cond_ddpm.data import (
     split_by_scene,
     with_training_transform,
 )
-from cond_ddpm.grids import captioned_grid, save_captioned_grid
+from cond_ddpm.evaluator import (
+    EVALUATOR_RESOLUTION,
+    build_evaluator,
+    evaluate,
+    load_evaluator,
+    save_evaluator,
+    upsample,
+)
+from cond_ddpm.grids import save_captioned_grid
+from cond_ddpm.sampling import (
+    DENOISING_FRAMES,
+    check_num_inference_steps,
+    denoising_strip,
+    generate,
+    load_pipeline,
+    set_scheduler,
+)
 from pipeline_cond_ddpm import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_NUM_INFERENCE_STEPS,
     DEFAULT_SCHEDULER,
     SCHEDULERS,
-    CondDDPMPipeline,
     multi_hot,
 )
 
-EVALUATOR_RESOLUTION = 64
 EVALUATOR_TRAIN_RESOLUTION = 32  # the course's evaluator saw 32x32 images upsampled to 64x64
-DENOISING_FRAMES = 8  # the steps a denoising strip shows: `denoise` and the demo
 # score holds a label file's images and its captioned grid in memory (the grid takes ~100 MB at 1000); the course's
 # files hold 32 label sets each.
 MAX_LABEL_SETS = 1000
 SPLITS = ("test", "new_test")  # what score draws: a folder of PNGs and a grid for each
 SCORE_OUTPUTS = {*SPLITS, *(f"{split}_grid.png" for split in SPLITS), "metrics.json"}
-
-
-def first_sentence(error: Exception) -> str:
-    """The first sentence of a library's error, past the advice on unsafe loading that torch's weights-only errors
-    open with; the error's type where it says nothing (torch's EOFError on an empty file)."""
-    text = str(error).rpartition("WeightsUnpickler error:")[2].strip()
-    return text.splitlines()[0].split(". ")[0] if text else type(error).__name__
-
-
-# --- The evaluator -------------------------------------------------------------------------------------------------
-
-
-def build_evaluator(num_classes: int) -> nn.Module:
-    model = resnet18(weights=None)
-    model.fc = nn.Sequential(nn.Linear(512, num_classes), nn.Sigmoid())
-    return model
-
-
-def load_evaluator(path, num_classes: int, device="cpu") -> nn.Module:
-    """Load an evaluator saved in the official format, `{"model": state_dict}`, onto any device."""
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(
-            f"evaluator checkpoint {path} is a folder; give the checkpoint file, such as checkpoint.pth"
-        )
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"evaluator checkpoint {path} {'is not a regular file' if path.exists() else 'does not exist'}"
-        )
-    if path.stat().st_size == 0:
-        raise ValueError(f"evaluator checkpoint {path} is empty (0 bytes); it must hold {{'model': state_dict}}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for files that are not safe checkpoints
-        raise ValueError(f"{path} is not a PyTorch checkpoint of plain tensors: {first_sentence(error)}") from None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
-        found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise ValueError(
-            f"{path} must hold {{'model': state_dict}} (the official checkpoint.pth format); found {found}"
-        )
-    model = build_evaluator(num_classes)
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as error:
-        reason = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
-        raise ValueError(f"{path} does not hold a ResNet18 evaluator for {num_classes} objects: {reason}") from None
-    return model.eval().to(device)
-
-
-def save_evaluator(model: nn.Module, path) -> Path:
-    return atomic_write(path, lambda temporary: torch.save({"model": model.state_dict()}, temporary))
-
-
-def accuracy(probabilities: torch.Tensor, labels: torch.Tensor) -> float:
-    """The course's metric, pooled over all images: top-k hits / total labels, k = objects in each label set."""
-    hits = total = 0
-    for scores, label in zip(probabilities, labels, strict=True):
-        k = int(label.sum())
-        hits += int(label[scores.topk(k).indices].sum())
-        total += k
-    if total == 0:
-        raise ValueError("accuracy needs at least one object in the label sets")
-    return hits / total
-
-
-def upsample(images: torch.Tensor) -> torch.Tensor:
-    """Bring images to the evaluator's 64x64, the way its training images were brought up from 32x32."""
-    if images.shape[-2:] == (EVALUATOR_RESOLUTION, EVALUATOR_RESOLUTION):
-        return images
-    return F.interpolate(images, size=EVALUATOR_RESOLUTION, mode="bilinear", align_corners=False)
-
-
-def to_evaluator_pixels(images: torch.Tensor) -> torch.Tensor:
-    """Images in [0, 1] at the model's resolution -> 8-bit (B, 3, 64, 64), as the 64x64 PNGs hold them."""
-    return (upsample(images) * 255).round().clamp(0, 255).to(torch.uint8)
-
-
-@torch.no_grad()
-def evaluate(evaluator: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
-    """Accuracy of 8-bit images (B, 3, 64, 64) against multi-hot labels."""
-    device = next(evaluator.parameters()).device
-    probabilities = evaluator(images.to(device).float() / 127.5 - 1).cpu()
-    # topk ranks NaN above every number, so NaN scores would still give an accuracy, and a meaningless one.
-    unscored = int((~probabilities.isfinite().all(dim=1)).sum())
-    if unscored:
-        raise FloatingPointError(
-            f"the evaluator produced non-finite scores (NaN or inf) for {unscored} of {len(probabilities)} images;"
-            " check its weights: no accuracy can be computed from them"
-        )
-    return accuracy(probabilities, labels.cpu())
-
-
-# --- Generating and scoring ----------------------------------------------------------------------------------------
-
-
-def load_pipeline(path, class_names: list[str], device) -> CondDDPMPipeline:
-    """Load a pipeline and check that it speaks the vocabulary of the label files it will be scored on."""
-    if not Path(path, "model_index.json").is_file():
-        raise FileNotFoundError(f"{path} is not a saved pipeline (it has no model_index.json)")
-    try:
-        pipeline = CondDDPMPipeline.from_pretrained(path).to(device)
-    except Exception as error:  # diffusers raises many types for an edited or damaged folder: OSError, KeyError, ...
-        raise ValueError(f"cannot load the pipeline in {path}: {first_sentence(error)}") from None
-    if pipeline.class_names != class_names:
-        differences = [
-            f"{i}: {a!r} vs {b!r}"
-            for i, (a, b) in enumerate(zip(pipeline.class_names, class_names, strict=False))
-            if a != b
-        ]
-        raise ValueError(
-            f"the pipeline in {path} knows {len(pipeline.class_names)} objects and objects.json {len(class_names)},"
-            f" and they differ ({'; '.join(differences[:5]) or 'in number'}); score with the objects.json it was"
-            " trained with"
-        )
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
-def set_scheduler(pipeline: CondDDPMPipeline, name: str) -> None:
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-    try:
-        pipeline.scheduler = SCHEDULERS[name](pipeline.scheduler.config)
-    except (ValueError, NotImplementedError) as error:  # a noise schedule the DDPM scheduler has and this one lacks
-        raise ValueError(
-            f"the {name} sampler cannot run the noise schedule in {pipeline.name_or_path}/scheduler: {error}"
-        ) from None
-
-
-def check_num_inference_steps(pipeline: CondDDPMPipeline, num_inference_steps: int) -> None:
-    """Refuse more steps than the noise schedule has, before the first: some samplers fail only after the last."""
-    limit = pipeline.scheduler.config.num_train_timesteps
-    if num_inference_steps > limit:
-        raise ValueError(
-            f"--num_inference_steps {num_inference_steps} exceeds the {limit} steps of the pipeline's noise schedule"
-            " (num_train_timesteps in scheduler/scheduler_config.json)"
-        )
 
 
 def read_label_file(path, class_names: list[str]) -> list[list[str]]:
@@ -208,44 +80,6 @@ def read_label_file(path, class_names: list[str]) -> list[list[str]]:
             " (the course's hold 32): split it into several files"
         )
     return label_sets
-
-
-def generate(
-    pipeline,
-    label_sets,
-    num_inference_steps,
-    guidance_scale,
-    seed=0,
-    batch_size=64,
-    callback_on_step_end=None,
-    desc="sampling",
-) -> torch.Tensor:
-    """8-bit images (B, 3, 64, 64), one per label set. Image i uses seed + i, so batching does not change it.
-    `callback_on_step_end` goes to the pipeline (the training script's stops sampling through it)."""
-    chunks = []
-    progress = tqdm(total=len(label_sets), desc=desc, unit="image", leave=False)
-    for start in range(0, len(label_sets), batch_size):
-        batch = label_sets[start : start + batch_size]
-        generators = [torch.Generator(pipeline.device).manual_seed(seed + start + i) for i in range(len(batch))]
-        images = pipeline(
-            batch,
-            num_inference_steps,
-            guidance_scale,
-            generator=generators,
-            output_type="pt",
-            callback_on_step_end=callback_on_step_end,
-        ).images
-        if not torch.isfinite(images).all():  # uint8 would turn NaN into black pixels and score them
-            raise FloatingPointError(
-                "the pipeline drew NaN or infinite pixels: its weights have diverged, or the sampler cannot run"
-                f" {num_inference_steps} steps; nothing was scored"
-            )
-        # Quantise where the pipeline's PNGs would, then upsample and quantise again for the 64x64 files.
-        images = (images.float() * 255).round() / 255
-        chunks.append(to_evaluator_pixels(images.cpu()))
-        progress.update(len(batch))
-    progress.close()
-    return torch.cat(chunks)
 
 
 def write_pngs(images: torch.Tensor, folder: Path) -> None:
@@ -469,32 +303,6 @@ def train_evaluator(args):
 
 
 # --- Drawing the denoising process ---------------------------------------------------------------------------------
-
-
-def denoising_strip(
-    pipeline,
-    labels: list[str],
-    num_inference_steps: int,
-    guidance_scale: float,
-    num_frames: int = DENOISING_FRAMES,
-    seed: int = 0,
-) -> tuple[Image.Image, list[int]]:
-    """The denoising of one label set as a captioned strip of `num_frames` steps, and the timesteps it shows."""
-    # Each frame is another step: more frames than steps would only repeat them (and 10**10 would take 80 GB here).
-    num_frames = min(num_frames, num_inference_steps)
-    keep = set(np.linspace(0, num_inference_steps - 1, num_frames).round().astype(int).tolist())
-    frames = []
-
-    def capture(pipe, step, timestep, tensors):
-        if step in keep:
-            frames.append((int(timestep), (tensors["image"][:1] / 2 + 0.5).clamp(0, 1)))
-
-    generator = torch.Generator(pipeline.device).manual_seed(seed)
-    pipeline.set_progress_bar_config(desc="denoising", unit="step")
-    pipeline([labels], num_inference_steps, guidance_scale, generator=generator, callback_on_step_end=capture)
-    captions = [[f"t={timestep}", *labels] for timestep, _ in frames]
-    images = [image[0].mul(255).round().byte().cpu() for _, image in frames]
-    return captioned_grid(images, captions, columns=len(frames)), [timestep for timestep, _ in frames]
 
 
 def denoise(args):

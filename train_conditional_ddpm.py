@@ -11,43 +11,25 @@ tracker logs in `logs/` (`--logging_dir`).
 """
 
 import argparse
-import errno
-import json
 import logging
 import math
-import multiprocessing
-import os
 import shlex
 import shutil
-import signal
-import threading
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, is_wandb_available, load, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, is_wandb_available, set_seed
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel, compute_snr
 from PIL import Image
-from safetensors.torch import load_file
-from torch import nn
 from tqdm.auto import tqdm
 
 from cond_ddpm import cli, hub
-from cond_ddpm.atomic_io import (
-    INCOMPLETE_PREFIX,
-    LOCK_NAME,
-    atomic_write,
-    atomic_write_text,
-    claim_folder,
-    staged_contents,
-    staged_directory,
-)
+from cond_ddpm.atomic_io import LOCK_NAME, atomic_write, claim_folder, staged_contents, staged_directory
 from cond_ddpm.data import (
     MAX_SCENES,
     NEW_TEST_JSON,
@@ -55,14 +37,29 @@ from cond_ddpm.data import (
     TEST_JSON,
     dataset_class_names,
     default_synthetic_dataset,
+    held_out_label_sets,
     load_hub_dataset,
     load_iclevr_dataset,
     read_label_sets,
     repeat_same_colour_pairs,
 )
+from cond_ddpm.evaluator import evaluate, load_evaluator
 from cond_ddpm.grids import save_captioned_grid
 from cond_ddpm.recipes import DEFAULT_RECIPE, RECIPES
-from evaluate_iclevr import evaluate, generate, load_evaluator, set_scheduler
+from cond_ddpm.sampling import generate, set_scheduler
+from cond_ddpm.training.checkpoints import (
+    check_finite,
+    check_finite_weights,
+    clear_earlier_run,
+    expected_checkpoint_size,
+    register_checkpoint_hooks,
+    resume,
+    save_checkpoint,
+)
+from cond_ddpm.training.ema import ema_weights, make_emas, update_ema
+from cond_ddpm.training.guards import check_cpu_threads, check_launch, check_mixed_precision, check_replicas_agree
+from cond_ddpm.training.objective import Denoiser, Objective, build_pipeline, diffusion_loss
+from cond_ddpm.training.stopping import StopRequest, StopRequested, leave_stopping_to_the_main_process
 from pipeline_cond_ddpm import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_NUM_INFERENCE_STEPS,
@@ -75,22 +72,9 @@ from pipeline_cond_ddpm import (
 )
 
 logger = get_logger(__name__)
-# Settings a checkpoint must share with the run that resumes it: anything else changes the model or its meaning.
-RESUME_MUST_MATCH = ("preset", "resolution", "class_names", "prediction_type", "ddpm_num_steps", "ddpm_beta_schedule")
 
 
-class Denoiser(nn.Module):
-    """The trained modules as one: Accelerate (DDP, autocast) needs a single forward that uses every parameter."""
-
-    def __init__(self, unet, label_embedding):
-        super().__init__()
-        self.unet, self.label_embedding = unet, label_embedding
-
-    def forward(self, noisy_images, timesteps, labels):
-        return self.unet(noisy_images, timesteps, **self.label_embedding(labels)).sample
-
-
-# --- Helpers -------------------------------------------------------------------------------------------------------
+# --- Set-up: data, processes, loader, optimizer -----------------------------------------------------------------------
 
 
 def load_training_data(args):
@@ -110,314 +94,6 @@ def load_training_data(args):
     return load_iclevr_dataset(folder / "images", folder / "train.json", folder / "objects.json", args.resolution)
 
 
-def held_out_label_sets(dataset, count: int, seed: int) -> list[list[str]]:
-    """Label sets drawn from the training labels, never one of test.json / new_test.json: best-checkpoint
-    selection must not see the label sets the model is finally scored on."""
-    class_names = dataset_class_names(dataset)
-    reserved = {frozenset(s) for path in (TEST_JSON, NEW_TEST_JSON) for s in json.loads(path.read_text())}
-    candidates = sorted({tuple(sorted(objects)) for objects in dataset.with_format(None)["objects"]})
-    candidates = [c for c in candidates if frozenset(class_names[i] for i in c) not in reserved]
-    chosen = np.random.default_rng(seed).permutation(len(candidates))[:count]
-    return [[class_names[i] for i in candidates[j]] for j in sorted(chosen)]
-
-
-def checkpoint_step(folder: Path) -> int:
-    return int(folder.name.split("-")[1])
-
-
-def find_checkpoints(output_dir: Path) -> list[Path]:
-    """Finished checkpoints, oldest first. Folders an interrupted save left behind are skipped with a warning."""
-    for leftover in sorted(output_dir.glob(f"{INCOMPLETE_PREFIX}checkpoint-*")):
-        logger.warning(f"skipping {leftover}: an interrupted save left it incomplete", main_process_only=True)
-    found = []
-    for folder in output_dir.glob("checkpoint-*"):
-        if not folder.name.split("-")[1].isdigit():
-            continue
-        if not (folder / "training_state.json").is_file():
-            logger.warning(
-                f"skipping {folder}: it has no training_state.json, so it is incomplete", main_process_only=True
-            )
-            continue
-        found.append(folder)
-    return sorted(found, key=checkpoint_step)
-
-
-def save_checkpoint(accelerator, output_dir: Path, step: int, training_state: dict, total_limit, expected_size=0):
-    """Save the full training state as `checkpoint-{step}`, whole or not at all, then prune the oldest.
-    `expected_size` (bytes) is what a full disk is told the checkpoint needs before any was written."""
-    final = output_dir / f"checkpoint-{step}"
-    staging = output_dir / f"{INCOMPLETE_PREFIX}{final.name}"  # one name for all processes, which all write into it
-    if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(staging)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            # Written last: its presence is what marks a checkpoint finished (see `find_checkpoints`).
-            atomic_write_text(
-                staging / "training_state.json", json.dumps({**training_state, "global_step": step}, indent=2)
-            )
-    except Exception as error:
-        if accelerator.is_main_process:
-            raise failed_save(error, staging, final, expected_size) from error
-        raise
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        staging.replace(final)
-        if total_limit is not None:
-            for old in find_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old)
-        logger.info(f"saved checkpoint {final}")
-    accelerator.wait_for_everyone()
-
-
-def folder_size(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-
-
-def expected_checkpoint_size(model: nn.Module, emas: dict) -> int:
-    """About the bytes of one checkpoint: the weights, AdamW's two moments and the EMA copy."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return weights * (3 + bool(emas))
-
-
-def failed_save(error: Exception, staging: Path, final: Path, expected_size: int = 0) -> Exception:
-    """Remove the partial checkpoint of a failed save, and say what a full disk needs in one line.
-
-    Libraries report a full disk in many ways (OSError ENOSPC, safetensors' SafetensorError, torch's
-    `basic_ios::clear`), so the free space decides too: less than the rest of the checkpoint means a full disk.
-    """
-    written, free = folder_size(staging), shutil.disk_usage(final.parent).free
-    shutil.rmtree(staging, ignore_errors=True)
-    whole = find_checkpoints(final.parent)
-    needed = max(written, folder_size(whole[-1]) if whole else 0, expected_size)
-    codes = {getattr(e, "errno", None) for e in (error, error.__cause__, error.__context__)}
-    if not (codes & {errno.ENOSPC, errno.EDQUOT} or "No space left" in str(error) or free < needed - written):
-        return error
-    return OSError(
-        f"the disk of {final.parent} is full: {final.name} needs about {needed:,} bytes and {free:,} are free."
-        f" Its partial copy is removed; the last whole checkpoint is {whole[-1] if whole else 'none'}. Free some"
-        " space, then continue with --resume_from_checkpoint latest"
-    )
-
-
-def check_finite(loss: float, step: int, output_dir: Path, verified_step: int):
-    """Stop on a non-finite loss, pointing at the newest checkpoint whose weights a finite loss has used: the
-    weights saved at step c are first used by the loss of step c + 1, so only c < `verified_step` are vouched for."""
-    if not math.isfinite(loss):
-        last = [c for c in find_checkpoints(output_dir) if checkpoint_step(c) < verified_step]
-        raise FloatingPointError(
-            f"the training loss became {loss} by step {step}; the last good checkpoint is"
-            f" {last[-1] if last else 'none (none was saved yet)'}. Resume from it with a lower --learning_rate,"
-            " or with --mixed_precision no"
-        )
-
-
-def check_finite_weights(model: nn.Module, step: int, output_dir: Path):
-    """Refuse to save weights that are not finite: a diverged model must never become a checkpoint or a pipeline."""
-    if not torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all():
-        last = find_checkpoints(output_dir)
-        raise FloatingPointError(
-            f"the weights became infinite or NaN by step {step}; nothing was saved. The last checkpoint is"
-            f" {last[-1] if last else 'none'}. Resume from it with a lower --learning_rate or with --mixed_precision no"
-        )
-
-
-def clear_earlier_run(output_dir: Path):
-    """For --overwrite_output_dir: remove the earlier run's checkpoints (whole or not) and best pipeline before this
-    run writes, or `--resume_from_checkpoint latest` would later continue the earlier run."""
-    for old in [*output_dir.glob("checkpoint-*"), *output_dir.glob(f"{INCOMPLETE_PREFIX}*"), output_dir / "best"]:
-        if old.is_dir():
-            shutil.rmtree(old)
-        elif old.exists():
-            old.unlink()
-
-
-def checkpoint_damage(checkpoint: Path) -> str | None:
-    """What makes `checkpoint` unfit to resume exactly (a missing or unreadable file, named), or None if it is whole.
-
-    Accelerate itself resumes without random states after an INFO line, and fails with a traceback on others."""
-    state_file = checkpoint / "training_state.json"
-    if not state_file.is_file():
-        return f"it has no {state_file.name}, so it is incomplete"
-    try:
-        state = json.loads(state_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        return f"{state_file} is not valid JSON ({error})"
-    if not isinstance(state, dict) or type(state.get("global_step")) is not int:
-        return f"{state_file} has no global_step"
-    if state["global_step"] < 1:
-        return f"{state_file} says global_step {state['global_step']}, and a checkpoint is saved after a step"
-    named = checkpoint.name.split("-")
-    if named[0] == "checkpoint" and named[-1].isdigit() and int(named[-1]) != state["global_step"]:
-        return f"{state_file} says global_step {state['global_step']}, but the folder is named {checkpoint.name}"
-    required = ["model_index.json", "optimizer.bin", "scheduler.bin"]
-    required += [f"random_states_{i}.pkl" for i in range(state.get("num_processes", 1))]
-    missing = [name for name in required if not (checkpoint / name).is_file()]
-    if missing:
-        return f"{checkpoint / missing[0]} is missing"
-    readers = {
-        ".safetensors": load_file,
-        ".bin": load,
-        ".pkl": load,
-        ".json": lambda path: json.loads(path.read_text()),
-    }
-    for path in sorted(checkpoint.rglob("*")):
-        if path.suffix in readers and path.is_file():
-            try:
-                readers[path.suffix](path)
-            except Exception as error:  # each format fails in its own way on a truncated or overwritten file
-                return f"{path} is damaged ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
-    return None
-
-
-def checkpoint_to_resume(choice: str, output_dir: Path) -> Path | None:
-    """The checkpoint --resume_from_checkpoint names, refused if damaged; for `latest`, the newest whole one in
-    `output_dir` (damaged ones passed over with a warning), or None when there is none yet."""
-    if choice != "latest":
-        damage = checkpoint_damage(Path(choice))
-        if damage:
-            raise ValueError(f"cannot resume from {choice}: {damage}")
-        return Path(choice)
-    found = find_checkpoints(output_dir)
-    for checkpoint in reversed(found):
-        damage = checkpoint_damage(checkpoint)
-        if damage is None:
-            return checkpoint
-        logger.warning(f"skipping {checkpoint}: {damage}; trying the one before it", main_process_only=True)
-    if found:
-        raise ValueError(f"every checkpoint in {output_dir} is damaged (see the warnings); resume from none of them")
-    return None
-
-
-def shown_setting(key: str, value) -> str:
-    if key == "class_names":  # 24 names are too many to read in one line
-        return f"{len(value or [])} objects"
-    return repr(value)
-
-
-def check_resumable(checkpoint: Path, training_state: dict):
-    saved = json.loads((checkpoint / "training_state.json").read_text())
-    for key in RESUME_MUST_MATCH:
-        if saved.get(key) != training_state[key]:
-            raise ValueError(
-                f"cannot resume from {checkpoint}: it was trained with {key} = {shown_setting(key, saved.get(key))},"
-                f" and this run asks for {shown_setting(key, training_state[key])}; use the same setting or start a"
-                " new --output_dir"
-            )
-    # Allowed (more GPUs, a smaller batch to fit memory), but the step count no longer maps to the same data.
-    if saved.get("samples_per_step", training_state["samples_per_step"]) != training_state["samples_per_step"]:
-        logger.warning(
-            f"{checkpoint} was trained with {saved['samples_per_step']} samples per step (batch x processes x"
-            f" accumulation) and this run takes {training_state['samples_per_step']}: it goes on from step"
-            f" {saved['global_step']}, but its epochs and data order will not match those of an uninterrupted run",
-            main_process_only=True,
-        )
-    return saved["global_step"]
-
-
-def load_checkpoint_weights(model, emas, folder, device):
-    """Load a checkpoint's weights into `model` and its EMA copies. The EMA comes back as CPU tensors of
-    `EMAModel.from_pretrained`, so it is moved to `device` here (as diffusers' examples do): the `ema.to(device)` of
-    start-up ran before `load_state`, and the next `ema.step` would mix devices."""
-    saved = CondDDPMPipeline.from_pretrained(folder)
-    model.unet.load_state_dict(saved.unet.state_dict())
-    model.label_embedding.load_state_dict(saved.label_embedding.state_dict())
-    for name, ema in emas.items():
-        loaded = EMAModel.from_pretrained(os.path.join(folder, "ema", name), model_cls=type(getattr(model, name)))
-        ema.load_state_dict(loaded.state_dict())
-        ema.to(device)
-
-
-def build_pipeline(accelerator, denoiser, noise_scheduler) -> CondDDPMPipeline:
-    model = accelerator.unwrap_model(denoiser)
-    return CondDDPMPipeline(unet=model.unet, label_embedding=model.label_embedding, scheduler=noise_scheduler)
-
-
-class StopRequested(Exception):
-    """Raised inside validation sampling when a stop was requested, to abandon the samples."""
-
-
-class StopRequest:
-    """Turns SIGTERM / SIGINT (a pre-empted job, Ctrl-C) into a flag the loop checks at each step boundary, and that
-    ends validation sampling at its next step. A second signal is not caught: it stops the run at once."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.received = None
-        self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
-
-    def handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-        self.restore()
-
-    def check_during_sampling(self, pipeline, step, timestep, tensors):
-        """A pipeline's `callback_on_step_end`: sampling a validation grid takes minutes with 1000 DDPM steps."""
-        if self.received is not None:
-            raise StopRequested(self.received)
-
-    def now(self, accelerator, sync_point: bool) -> bool:
-        """Whether to stop at this step. All processes must stop at the same step, so with several they agree
-        through a collective, at the sync points (logging steps) only; one process decides alone, at every step."""
-        if accelerator.num_processes == 1:
-            return self.received is not None
-        if self.received is not None:
-            accelerator.set_trigger()
-        return sync_point and accelerator.check_trigger()
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-def check_replicas_agree(accelerator, model):
-    """DDP keeps every process's weights identical; check it once at the end, since diverged replicas fail silently."""
-    fingerprint = torch.stack([p.detach().double().sum() for p in model.parameters()])
-    gathered = accelerator.gather(fingerprint[None])
-    if not torch.equal(gathered, gathered[:1].expand_as(gathered)):
-        raise ValueError("the processes finished with different weights: the distributed launch is broken")
-    logger.info(f"the weights are identical on all {accelerator.num_processes} processes", main_process_only=True)
-
-
-def check_launch(accelerator):
-    """Refuse a launch whose processes do not know each other: they would train identical copies."""
-    launched = [int(os.environ.get(v, "1")) for v in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")]
-    if max(launched) > accelerator.num_processes:
-        raise ValueError(
-            f"{max(launched)} processes were launched but each runs alone"
-            f" (Accelerate sees {accelerator.num_processes});"
-            " launch with `accelerate launch --multi_gpu --num_processes N` (on CPU: ACCELERATE_USE_CPU=1) or"
-            " `accelerate launch --config_file accelerate_config.yaml`"
-        )
-
-
-def check_mixed_precision(accelerator):
-    """Refuse fp16 where Accelerate has no loss scaler for it (a CPU): it would quietly train in fp32 instead."""
-    if accelerator.mixed_precision == "fp16" and accelerator.scaler is None:
-        raise ValueError(
-            f"--mixed_precision fp16 needs a GPU (its loss scaling runs there) and this run is on the"
-            f" {accelerator.device.type}; use --mixed_precision bf16 or no"
-        )
-
-
-def check_cpu_threads(accelerator):
-    """Warn when torch uses fewer CPU cores than this process could: `accelerate launch` sets OMP_NUM_THREADS=1
-    unless told otherwise, which halves a single-process run on a 2-core machine."""
-    if accelerator.device.type != "cpu":
-        return
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-    cores = max(1, len(os.sched_getaffinity(0)) // local_processes)
-    if torch.get_num_threads() < cores:
-        logger.warning(
-            f"torch uses {torch.get_num_threads()} CPU thread(s) per process and {cores} cores are free for each;"
-            f" launch with `accelerate launch --num_cpu_threads_per_process {cores}` (or set OMP_NUM_THREADS={cores})",
-            main_process_only=True,
-        )
-
-
 def make_accelerator(args, output_dir: Path) -> Accelerator:
     return Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -431,24 +107,6 @@ def make_accelerator(args, output_dir: Path) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed, non_blocking=True),
         dynamo_backend="inductor" if args.compile else "no",
     )
-
-
-def leave_stopping_to_the_main_process(worker_id: int):
-    """A DataLoader worker's `worker_init_fn`. Ctrl-C, `timeout`, `kill -- -PGID` and Slurm signal every process of a
-    job, and a worker killed by that makes the main process crash instead of stopping with a checkpoint
-    (`StopRequest`). So workers ignore SIGINT, and take SIGTERM from the main process only: it sends one to end them
-    as it exits. (torch's own worker handler draws the same line, but dies of anyone else's SIGTERM.)"""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if hasattr(signal, "sigwaitinfo"):  # Linux; macOS and Windows keep torch's handler
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on inherit the block
-        threading.Thread(target=exit_on_sigterm_from_the_main_process, name="sigterm-filter", daemon=True).start()
-
-
-def exit_on_sigterm_from_the_main_process():
-    main_process = multiprocessing.parent_process().pid  # not os.getppid(): under forkserver that is the server
-    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != main_process:
-        pass
-    os._exit(0)
 
 
 def make_dataloader(args, accelerator, dataset) -> torch.utils.data.DataLoader:
@@ -468,46 +126,6 @@ def make_dataloader(args, accelerator, dataset) -> torch.utils.data.DataLoader:
     )
 
 
-def make_emas(args, denoiser) -> dict[str, EMAModel]:
-    """One EMA copy per trained module (none without `--use_ema`), keyed by its attribute name on `Denoiser`."""
-    if not args.use_ema:
-        return {}
-    return {
-        name: EMAModel(
-            module.parameters(),
-            decay=args.ema_max_decay,
-            use_ema_warmup=True,
-            inv_gamma=args.ema_inv_gamma,
-            power=args.ema_power,
-            model_cls=type(module),
-            model_config=module.config,
-            foreach=True,  # all tensors at once: tensor by tensor, the EMA cost a GPU run 9% of its images/s
-        )
-        for name, module in (("unet", denoiser.unet), ("label_embedding", denoiser.label_embedding))
-    }
-
-
-def register_checkpoint_hooks(accelerator, noise_scheduler, emas):
-    """Checkpoints hold the pipeline in save_pretrained form (plus the EMA weights), not a bare state dict."""
-
-    def save_model_hook(models, weights, folder):
-        # Under fork_rng: EMAModel.save_pretrained builds a freshly initialised model, and a checkpoint must not move
-        # the training RNG, or a run would depend on when it was checkpointed and resuming could not be exact.
-        cuda_devices = [accelerator.device] if accelerator.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda_devices):
-            if accelerator.is_main_process:
-                build_pipeline(accelerator, models[0], noise_scheduler).save_pretrained(folder)
-                for name, ema in emas.items():
-                    ema.save_pretrained(os.path.join(folder, "ema", name))
-        weights.pop()
-
-    def load_model_hook(models, folder):
-        load_checkpoint_weights(accelerator.unwrap_model(models.pop()), emas, folder, accelerator.device)
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
-
-
 def make_optimizer(args, accelerator, denoiser) -> torch.optim.Optimizer:
     return torch.optim.AdamW(
         denoiser.parameters(),
@@ -519,28 +137,7 @@ def make_optimizer(args, accelerator, denoiser) -> torch.optim.Optimizer:
     )
 
 
-def resume(args, accelerator, output_dir: Path, training_state: dict, max_train_steps: int) -> int:
-    """Load weights, EMA, optimizer, LR schedule and RNG states from the checkpoint asked for; return its step
-    (0 when there is none to resume)."""
-    if not args.resume_from_checkpoint:
-        return 0
-    checkpoint = checkpoint_to_resume(args.resume_from_checkpoint, output_dir)
-    if checkpoint is None:
-        logger.warning(f"no finished checkpoint in {output_dir}; starting a new run", main_process_only=True)
-        return 0
-    step = check_resumable(checkpoint, training_state)
-    if step > max_train_steps:
-        raise ValueError(
-            f"{checkpoint} is at step {step}, past the {max_train_steps} steps this run is asked for; raise"
-            " --max_train_steps to continue it"
-        )
-    if args.use_ema and not (checkpoint / "ema").is_dir():
-        raise ValueError(
-            f"{checkpoint} holds no EMA weights (its run was trained with --no-use_ema); resume it with --no-use_ema"
-        )
-    accelerator.load_state(str(checkpoint))
-    logger.info(f"resumed from {checkpoint} at step {step}", main_process_only=True)
-    return step
+# --- One step: its batch, its loss and update, its log ----------------------------------------------------------------
 
 
 def epoch_batches(accelerator, train_dataloader, epoch: int, skip: int):
@@ -553,46 +150,19 @@ def epoch_batches(accelerator, train_dataloader, epoch: int, skip: int):
     return batches
 
 
-def diffusion_loss(args, denoiser, noise_scheduler, batch) -> torch.Tensor:
-    """The denoising loss of one batch: noise at random timesteps, the null label at random for classifier-free
-    guidance, the target of `--prediction_type`, min-SNR weighting with `--snr_gamma`."""
-    images = batch["pixel_values"].to(memory_format=torch.channels_last)
-    labels = batch["labels"]
-    if args.random_flip:  # here, not in the data workers, so the global RNG (saved in checkpoints) decides
-        flip = torch.rand(len(images), 1, 1, 1, device=images.device) < 0.5
-        images = torch.where(flip, images.flip(-1), images)
-    noise = torch.randn_like(images)
-    num_timesteps = noise_scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, num_timesteps, (len(images),), device=images.device)
-    noisy_images = noise_scheduler.add_noise(images, noise, timesteps)
-    keep = torch.rand(len(labels), 1, device=labels.device) >= args.condition_dropout
-    target = noise if args.prediction_type == "epsilon" else noise_scheduler.get_velocity(images, noise, timesteps)
-    prediction = denoiser(noisy_images, timesteps, labels * keep)
-    loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if args.snr_gamma is not None:  # min-SNR weighting (Hang et al. 2023)
-        snr = compute_snr(noise_scheduler, timesteps)
-        weight = torch.clamp(snr, max=args.snr_gamma) / (snr if args.prediction_type == "epsilon" else snr + 1)
-        loss = loss * weight
-    return loss.mean()
-
-
-def training_step(args, accelerator, denoiser, noise_scheduler, optimizer, lr_scheduler, batch) -> torch.Tensor:
+def training_step(
+    accelerator, objective, denoiser, noise_scheduler, optimizer, lr_scheduler, batch, max_grad_norm: float
+) -> torch.Tensor:
     """One forward and backward pass; the optimizer steps once every `--gradient_accumulation_steps` of them."""
     with accelerator.accumulate(denoiser):
-        loss = diffusion_loss(args, denoiser, noise_scheduler, batch)
+        loss = diffusion_loss(objective, denoiser, noise_scheduler, batch)
         accelerator.backward(loss)
-        if accelerator.sync_gradients and args.max_grad_norm:
-            accelerator.clip_grad_norm_(denoiser.parameters(), args.max_grad_norm)
+        if accelerator.sync_gradients and max_grad_norm:
+            accelerator.clip_grad_norm_(denoiser.parameters(), max_grad_norm)
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     return loss.detach()
-
-
-def update_ema(accelerator, denoiser, emas):
-    model = accelerator.unwrap_model(denoiser)
-    for name, ema in emas.items():
-        ema.step(getattr(model, name).parameters())
 
 
 class LossLog:
@@ -645,18 +215,7 @@ def log_step(args, accelerator, loss_log, progress, lr_scheduler, emas, epoch: i
     accelerator.log(logs, step=step)
 
 
-@contextmanager
-def ema_weights(accelerator, denoiser, emas):
-    """Swap the EMA weights into the model for the duration of a `with` block (no-op without EMA)."""
-    model = accelerator.unwrap_model(denoiser)
-    for name, ema in emas.items():
-        ema.store(getattr(model, name).parameters())
-        ema.copy_to(getattr(model, name).parameters())
-    try:
-        yield
-    finally:
-        for name, ema in emas.items():
-            ema.restore(getattr(model, name).parameters())
+# --- Samples and the end: validation grids, best pipeline, final save -------------------------------------------------
 
 
 def sample(args, pipeline, label_sets, callback_on_step_end=None) -> torch.Tensor:
@@ -758,6 +317,8 @@ def train(args, held: ExitStack):
     check_launch(accelerator)
     check_mixed_precision(accelerator)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    # The run's machinery logs through plain loggers; as in diffusers' scripts, only the main process speaks.
+    logging.getLogger("cond_ddpm").setLevel(logging.INFO if accelerator.is_main_process else logging.ERROR)
     check_cpu_threads(accelerator)
     set_seed(args.seed, device_specific=True)  # one seed per process, so noise differs across processes
     repo_id = None
@@ -780,13 +341,14 @@ def train(args, held: ExitStack):
             " or use more data"
         )
 
-    # Model, EMA copy, noise schedule.
+    # Model, EMA copy, noise schedule, loss.
     pipeline = CondDDPMPipeline.from_preset(
         args.preset, class_names, args.resolution, args.ddpm_num_steps, args.ddpm_beta_schedule, args.prediction_type
     )
     noise_scheduler = pipeline.scheduler
     denoiser = Denoiser(pipeline.unet, pipeline.label_embedding).to(memory_format=torch.channels_last)
-    emas = make_emas(args, denoiser)
+    emas = make_emas(denoiser, args.ema_max_decay, args.ema_inv_gamma, args.ema_power) if args.use_ema else {}
+    objective = Objective(args.prediction_type, args.condition_dropout, args.snr_gamma, args.random_flip)
     training_state = {
         "preset": args.preset,
         "resolution": args.resolution,
@@ -825,7 +387,9 @@ def train(args, held: ExitStack):
         )
 
     # Resume: the training state, then the data order up to the saved step.
-    global_step = resume(args, accelerator, output_dir, training_state, max_train_steps)
+    global_step = resume(
+        accelerator, args.resume_from_checkpoint, output_dir, training_state, max_train_steps, args.use_ema
+    )
     if global_step == max_train_steps:  # e.g. a run stopped while saving its pipeline: only the finish is left
         logger.info(f"step {global_step} is the last one: saving the pipeline without training", main_process_only=True)
     first_epoch = global_step // steps_per_epoch
@@ -848,7 +412,10 @@ def train(args, held: ExitStack):
         denoiser.train()
         skip = resume_batches if epoch == first_epoch else 0
         for batch in epoch_batches(accelerator, train_dataloader, epoch, skip):
-            loss_log.add(training_step(args, accelerator, denoiser, noise_scheduler, optimizer, lr_scheduler, batch))
+            loss = training_step(
+                accelerator, objective, denoiser, noise_scheduler, optimizer, lr_scheduler, batch, args.max_grad_norm
+            )
+            loss_log.add(loss)
             if not accelerator.sync_gradients:
                 continue
 
@@ -919,8 +486,9 @@ def train(args, held: ExitStack):
 # --- Command line: the defaults train the GPU model on real i-CLEVR-sized data ---------------------------------------
 
 
-def build_parser() -> cli.ArgumentParser:
-    parser = cli.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+def build_parser(recipe: str | None = DEFAULT_RECIPE, add_help: bool = True) -> cli.ArgumentParser:
+    """The training flags, with the values of `recipe` (none: no recipe) as the defaults of those it names."""
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter, add_help=add_help)
     parser.add_argument(
         "--recipe",
         choices=sorted(RECIPES),
@@ -971,7 +539,9 @@ def build_parser() -> cli.ArgumentParser:
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--train_batch_size", type=cli.positive_int, help="images per step, per process")
-    optim.add_argument("--num_epochs", type=cli.positive_int, default=300, help="passes over the data")
+    optim.add_argument(
+        "--num_epochs", type=cli.positive_int, help="passes over the data, in place of the recipe's --max_train_steps"
+    )
     optim.add_argument("--max_train_steps", type=cli.positive_int, help="optimisation steps; overrides --num_epochs")
     optim.add_argument(
         "--gradient_accumulation_steps", type=cli.positive_int, default=1, help="batches summed per optimiser step"
@@ -1064,23 +634,27 @@ def build_parser() -> cli.ArgumentParser:
     hub_args.add_argument("--hub_model_id", help="the repository (default: the --output_dir folder name)")
     hub_args.add_argument("--hub_private_repo", action="store_true", help="create the repository private")
     hub_args.add_argument("--hub_token", help="default: the token of `hf auth login` or HF_TOKEN")
-    parser.set_defaults(**RECIPES[DEFAULT_RECIPE])
+    if recipe is not None:
+        parser.set_defaults(**RECIPES[recipe])
     return parser
 
 
 def parse_args(argv=None):
-    parser = build_parser()
-    # The recipe first (without --help, so that `--recipe cpu --help` shows the cpu recipe's defaults).
-    recipe = argparse.ArgumentParser(add_help=False)
-    recipe.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE)
-    parser.set_defaults(**RECIPES[recipe.parse_known_args(argv)[0].recipe])
+    # A first pass, without any recipe, reads what the command line itself gives: the recipe, whose values then
+    # become the defaults (it has no --help, so that `--recipe cpu --help` shows the cpu recipe's defaults).
+    given, _ = build_parser(recipe=None, add_help=False).parse_known_args(argv)
+    parser = build_parser(given.recipe)
     args = parser.parse_args(argv)
+    if given.num_epochs and not given.max_train_steps:  # the epochs asked for replace the recipe's step count
+        args.max_train_steps = None
     check_args(parser, args)
     return args
 
 
 def check_args(parser, args):
     """Errors a user can make, caught before any work starts."""
+    if args.max_train_steps is None and args.num_epochs is None:
+        parser.error(f"--recipe {args.recipe} sets no --max_train_steps: give --max_train_steps or --num_epochs")
     if args.dataset_name and args.train_data_dir:
         parser.error("give either --dataset_name or --train_data_dir, not both")
     if bool(args.train_data_dir) != bool(args.train_json):

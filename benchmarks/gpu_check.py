@@ -35,11 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from launch import one_process_training_command  # noqa: E402
-from quality import LABEL_FILES, checkpoints  # noqa: E402
+from quality import LABEL_FILES  # noqa: E402
 from throughput import bare_loop, in_own_process, logged_images_per_second  # noqa: E402
 
 from cond_ddpm import cli  # noqa: E402
 from cond_ddpm.atomic_io import atomic_write_text  # noqa: E402
+from cond_ddpm.training.checkpoints import find_checkpoints  # noqa: E402
 from train_conditional_ddpm import parse_args  # noqa: E402
 
 QUALITY = Path(__file__).resolve().parent / "quality.py"
@@ -267,7 +268,7 @@ def main():
     else:
         fp16 = fp16_run(quality["flags"], results_dir / "fp16")
     summary.stage("fp16", fp16=fp16)
-    for checkpoint in checkpoints(results_dir / "pipeline")[:-1]:  # the newest may be the model
+    for checkpoint in find_checkpoints(results_dir / "pipeline")[:-1]:  # the newest may be the model
         shutil.rmtree(checkpoint)
     print(markdown(summary.record))
 

@@ -54,16 +54,11 @@ from cond_ddpm.data import (  # noqa: E402
     read_objects_json,
     resize,
 )
+from cond_ddpm.evaluator import evaluate, load_evaluator, to_evaluator_pixels  # noqa: E402
 from cond_ddpm.recipes import RECIPES  # noqa: E402
 from cond_ddpm.render import COLORS, SHAPES, random_scene, render_scene  # noqa: E402
-from evaluate_iclevr import (  # noqa: E402
-    evaluate,
-    generate,
-    load_evaluator,
-    load_pipeline,
-    set_scheduler,
-    to_evaluator_pixels,
-)
+from cond_ddpm.sampling import generate, load_pipeline, set_scheduler  # noqa: E402
+from cond_ddpm.training.checkpoints import find_checkpoints  # noqa: E402
 from pipeline_cond_ddpm import (  # noqa: E402
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_NUM_INFERENCE_STEPS,
@@ -159,12 +154,6 @@ def checkpoint_pipeline(checkpoint: Path, class_names: list[str], device) -> Con
             module = type(getattr(pipeline, name)).from_pretrained(checkpoint / "ema" / name)
             pipeline.register_modules(**{name: module.to(device)})
     return pipeline
-
-
-def checkpoints(folder: Path) -> list[Path]:
-    """The finished checkpoints in a training run's folder, oldest first."""
-    finished = [c for c in folder.glob("checkpoint-*") if (c / "training_state.json").is_file()]
-    return sorted(finished, key=lambda c: int(c.name.split("-")[1]))
 
 
 def split_at_double_dash(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -282,7 +271,7 @@ def main():
     training = json.loads(training_record.read_text())
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    saved = checkpoints(run_dir)
+    saved = find_checkpoints(run_dir)
     if (run_dir / "model_index.json").is_file():
         scored, pipeline = "the final pipeline", load_pipeline(run_dir, class_names, device)
     elif saved:  # stopped by the clock: the newest checkpoint is the model

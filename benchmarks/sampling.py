@@ -21,7 +21,8 @@ sys.path.insert(0, str(ROOT))
 from cond_ddpm import cli  # noqa: E402
 from cond_ddpm.atomic_io import atomic_write_text  # noqa: E402
 from cond_ddpm.data import NEW_TEST_JSON, TEST_JSON, read_label_sets, read_objects_json  # noqa: E402
-from evaluate_iclevr import evaluate, generate, load_evaluator, load_pipeline, set_scheduler  # noqa: E402
+from cond_ddpm.evaluator import evaluate, load_evaluator  # noqa: E402
+from cond_ddpm.sampling import generate, load_pipeline, set_scheduler  # noqa: E402
 from pipeline_cond_ddpm import (  # noqa: E402
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_NUM_INFERENCE_STEPS,

@@ -35,8 +35,8 @@ from launch import one_process_training_command  # noqa: E402
 from cond_ddpm import cli  # noqa: E402
 from cond_ddpm.atomic_io import atomic_write_text  # noqa: E402
 from cond_ddpm.data import read_objects_json  # noqa: E402
+from cond_ddpm.training.objective import Denoiser  # noqa: E402
 from pipeline_cond_ddpm import CondDDPMPipeline  # noqa: E402
-from train_conditional_ddpm import Denoiser  # noqa: E402
 
 
 def bare_loop(preset, resolution, batch_size, steps, warmup, bf16, channels_last, compile):

@@ -181,6 +181,17 @@ def dataset_class_names(dataset: Dataset) -> list[str]:
     return list(dataset.features["objects"].feature.names)
 
 
+def held_out_label_sets(dataset, count: int, seed: int) -> list[list[str]]:
+    """Label sets drawn from the training labels, never one of test.json / new_test.json: best-checkpoint
+    selection must not see the label sets the model is finally scored on."""
+    class_names = dataset_class_names(dataset)
+    reserved = {frozenset(s) for path in (TEST_JSON, NEW_TEST_JSON) for s in json.loads(path.read_text())}
+    candidates = sorted({tuple(sorted(objects)) for objects in dataset.with_format(None)["objects"]})
+    candidates = [c for c in candidates if frozenset(class_names[i] for i in c) not in reserved]
+    chosen = np.random.default_rng(seed).permutation(len(candidates))[:count]
+    return [[class_names[i] for i in candidates[j]] for j in sorted(chosen)]
+
+
 def repeat_same_colour_pairs(dataset: Dataset, times: int) -> Dataset:
     """The dataset with each row whose label set holds two objects of one colour present `times` times in all.
 

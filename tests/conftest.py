@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from cond_ddpm.data import read_objects_json, synthesize  # noqa: E402
-from evaluate_iclevr import build_evaluator, save_evaluator  # noqa: E402
+from cond_ddpm.evaluator import build_evaluator, save_evaluator  # noqa: E402
 from pipeline_cond_ddpm import CondDDPMPipeline  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,3 +114,16 @@ def assert_same_weights(a, b, atol=1e-6):
     assert first.keys() == second.keys()
     worst = max((first[k] - second[k]).abs().max().item() for k in first)
     assert worst <= atol, f"weights differ by up to {worst}"
+
+
+class FullDisk(OSError):
+    def __init__(self):
+        super().__init__(28, "No space left on device")
+
+
+def train_main(argv):
+    """The training script's command line, run in this process: a user error exits with its one line."""
+    import train_conditional_ddpm
+    from cond_ddpm import cli
+
+    cli.run(train_conditional_ddpm.main, train_conditional_ddpm.parse_args(argv))

@@ -89,11 +89,3 @@ def test_training_stopped_by_the_clock_is_waited_for_until_it_lets_go_of_its_fol
     assert record["stopped_by_clock"] is True
     assert (tmp_path / "state").read_text() == "saved"  # returned only once the child had finished its save
     assert 0.04 < record["training_minutes"] < 1
-
-
-def test_checkpoints_come_oldest_first_by_step_not_by_name(quality, tmp_path):
-    for step in (300, 1200, 900):
-        (tmp_path / f"checkpoint-{step}").mkdir()
-        (tmp_path / f"checkpoint-{step}" / "training_state.json").write_text("{}")
-    (tmp_path / "checkpoint-1500").mkdir()  # a save still under way: no training_state.json yet
-    assert [c.name for c in quality.checkpoints(tmp_path)] == ["checkpoint-300", "checkpoint-900", "checkpoint-1200"]

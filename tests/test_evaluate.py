@@ -19,19 +19,11 @@ from torchvision.models import resnet18
 
 from cond_ddpm.atomic_io import LOCK_NAME
 from cond_ddpm.data import NEW_TEST_JSON, TEST_JSON, read_label_sets
+from cond_ddpm.evaluator import accuracy, build_evaluator, evaluate, load_evaluator, save_evaluator
 from cond_ddpm.grids import LINE_HEIGHT, captioned_grid
-from evaluate_iclevr import (
-    DEFAULT_SCHEDULER,
-    MAX_LABEL_SETS,
-    accuracy,
-    build_evaluator,
-    evaluate,
-    load_evaluator,
-    main,
-    save_evaluator,
-    set_scheduler,
-)
-from pipeline_cond_ddpm import multi_hot
+from cond_ddpm.sampling import set_scheduler
+from evaluate_iclevr import MAX_LABEL_SETS, main
+from pipeline_cond_ddpm import DEFAULT_SCHEDULER, multi_hot
 
 
 def test_accuracy_counts_top_k_hits_over_all_labels():

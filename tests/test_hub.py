@@ -267,3 +267,9 @@ def test_dataset_push_publishes_images_and_object_labels(synthetic_dir, monkeypa
         and dataset.features["objects"].feature.names[0] == "gray cube"
     )
     assert "Pushed 18 images to https://huggingface.co/datasets/me/iclevr-synthetic" in capsys.readouterr().out
+
+
+def test_the_model_card_names_only_flags_the_training_script_has():
+    flags = {action.dest for action in train_conditional_ddpm.build_parser()._actions}
+    unknown = [key for key in hub.CARD_SETTINGS if key not in flags]
+    assert not unknown, f"hub.CARD_SETTINGS reads {unknown}, which are no flags of train_conditional_ddpm.py"

@@ -1,6 +1,5 @@
 """train_conditional_ddpm.py end to end, in real processes: one process, two-process DDP (gloo), checkpoints, resume."""
 
-import logging
 import os
 import shlex
 import shutil
@@ -12,8 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from accelerate import PartialState
-from conftest import ROOT, assert_same_weights, load_weights, run_python, training_args
+from conftest import ROOT, assert_same_weights, load_weights, run_python, train_main, training_args
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -114,6 +112,32 @@ def test_resume_continues_from_the_saved_step_to_the_same_weights(uninterrupted_
 def test_checkpointing_steps_zero_turns_checkpoints_off(tmp_path, synthetic_dir):
     args = train_conditional_ddpm.parse_args(training_args(tmp_path / "run", synthetic_dir, "--checkpointing_steps", 0))
     assert args.checkpointing_steps == 0
+
+
+def test_num_epochs_replaces_the_recipes_step_count_and_max_train_steps_wins(tmp_path, synthetic_dir):
+    recipe_steps = train_conditional_ddpm.parse_args(["--recipe", "cpu"]).max_train_steps
+    assert recipe_steps is not None
+    assert train_conditional_ddpm.parse_args(["--recipe", "cpu", "--num_epochs", "2"]).max_train_steps is None
+    both = train_conditional_ddpm.parse_args(["--num_epochs", "2", "--max_train_steps", "3"])
+    assert (both.num_epochs, both.max_train_steps) == (2, 3)
+    # 18 images in whole batches of 4: 4 steps an epoch, so two epochs end at step 8.
+    output_dir = tmp_path / "run"
+    train_main(
+        training_args(
+            output_dir,
+            synthetic_dir,
+            "--num_epochs",
+            2,
+            "--same_colour_repeats",
+            1,
+            "--checkpointing_steps",
+            1,
+            "--checkpoints_total_limit",
+            1,
+        )
+    )
+    assert [p.name for p in output_dir.glob("checkpoint-*")] == ["checkpoint-8"]
+    assert (output_dir / "model_index.json").is_file()
 
 
 def test_an_output_dir_holding_only_a_nested_logging_dir_counts_as_empty(tmp_path, synthetic_dir, capsys):
@@ -257,29 +281,6 @@ def test_two_machines_train_one_pipeline_and_resume_from_its_checkpoint(tmp_path
     assert_same_weights(resumed, first)
 
 
-def test_a_launch_whose_processes_run_alone_is_refused(tmp_path, synthetic_dir):
-    result = run_python(
-        "train_conditional_ddpm.py",
-        *training_args(tmp_path / "alone", synthetic_dir, "--max_train_steps", 2),
-        env={"OMPI_COMM_WORLD_SIZE": "2"},  # what mpirun -n 2 sets for two copies that never meet
-    )
-    assert result.returncode != 0
-    assert "2 processes were launched but each runs alone" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert not (tmp_path / "alone" / "model_index.json").exists()
-
-
-@pytest.mark.parametrize("threads, warned", [(1, True), (4, False)])
-def test_idle_cpu_cores_are_pointed_out(monkeypatch, caplog, threads, warned):
-    PartialState()
-    monkeypatch.setattr(train_conditional_ddpm.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    monkeypatch.setattr(train_conditional_ddpm.torch, "get_num_threads", lambda: threads)
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    with caplog.at_level(logging.WARNING):
-        train_conditional_ddpm.check_cpu_threads(SimpleNamespace(device=torch.device("cpu"), num_processes=1))
-    assert ("--num_cpu_threads_per_process 4" in caplog.text) == warned
-
-
 def test_training_steps_make_no_host_sync(tmp_path, synthetic_dir):
     """Beyond the logging steps, a step never waits for the device, so more steps add no host sync (run on a CPU,
     counting the operations that would wait on a GPU). The per-step logging of --logging_steps 1 must show up."""
@@ -307,36 +308,3 @@ def test_training_steps_make_no_host_sync(tmp_path, synthetic_dir):
     six_steps = host_syncs(6, 100)
     assert six_steps == host_syncs(2, 100)
     assert host_syncs(6, 1) > six_steps
-
-
-def test_resuming_puts_the_ema_on_the_device_of_the_weights_it_shadows(tmp_path, tiny_pipeline):
-    """A GPU run loads checkpoints from CPU files: the EMA must end up on the training device, not stay on the CPU.
-    `meta` stands in for the GPU, a device the loaded files are not on."""
-    from diffusers.training_utils import EMAModel
-
-    from train_conditional_ddpm import Denoiser, load_checkpoint_weights
-
-    model = Denoiser(tiny_pipeline.unet, tiny_pipeline.label_embedding)
-    emas = {
-        name: EMAModel(module.parameters(), model_cls=type(module), model_config=module.config, foreach=True)
-        for name, module in (("unet", model.unet), ("label_embedding", model.label_embedding))
-    }
-    tiny_pipeline.save_pretrained(tmp_path)
-    for name, ema in emas.items():
-        ema.save_pretrained(tmp_path / "ema" / name)
-    model.to("meta")
-    load_checkpoint_weights(model, emas, tmp_path, torch.device("meta"))
-    for name, ema in emas.items():
-        shadowed = list(getattr(model, name).parameters())
-        assert [p.device for p in ema.shadow_params] == [p.device for p in shadowed], name
-
-
-def test_fp16_on_the_cpu_is_refused_in_one_line(tmp_path, synthetic_dir):
-    """Accelerate has no loss scaler on a CPU, so fp16 there would train in fp32 while the model card says fp16."""
-    args = training_args(tmp_path / "fp16", synthetic_dir, "--max_train_steps", 1, "--mixed_precision", "fp16")
-    result = run_python("train_conditional_ddpm.py", *args)
-    assert result.returncode != 0
-    assert "error: --mixed_precision fp16 needs a GPU" in result.stderr
-    assert "use --mixed_precision bf16 or no" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert not (tmp_path / "fp16" / "model_index.json").exists()
