@@ -653,8 +653,6 @@ def parse_args(argv=None):
 
 def check_args(parser, args):
     """Errors a user can make, caught before any work starts."""
-    if args.max_train_steps is None and args.num_epochs is None:
-        parser.error(f"--recipe {args.recipe} sets no --max_train_steps: give --max_train_steps or --num_epochs")
     if args.dataset_name and args.train_data_dir:
         parser.error("give either --dataset_name or --train_data_dir, not both")
     if bool(args.train_data_dir) != bool(args.train_json):
