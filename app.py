@@ -19,8 +19,6 @@ from cond_ddpm.data import read_objects_json
 from cond_ddpm.grids import captioned_grid
 from pipeline_cond_ddpm import (
     DEFAULT_GUIDANCE_SCALE,
-    DEFAULT_NUM_INFERENCE_STEPS,
-    DEFAULT_SCHEDULER,
     SCHEDULERS,
     CondDDPMPipeline,
     multi_hot,
@@ -58,7 +56,10 @@ def checked(name: str, value, low, high, integer: bool = False):
 def build_demo(pipeline: CondDDPMPipeline) -> gr.Blocks:
     """The page: the pipeline's objects to pick and the sampling settings on the left, the pictures on the right."""
     class_names = pipeline.class_names
-    max_steps = pipeline.scheduler.config.num_train_timesteps
+    # A distilled pipeline starts at its LCM scheduler's few steps, among the solver's it was distilled on.
+    default_scheduler, default_steps = sampling.default_sampler(pipeline)
+    config = pipeline.scheduler.config
+    max_steps = config.original_inference_steps if pipeline.is_distilled else config.num_train_timesteps
     iclevr = read_objects_json()
     vocabulary = (
         ""
@@ -112,8 +113,8 @@ def build_demo(pipeline: CondDDPMPipeline) -> gr.Blocks:
                 with gr.Row():
                     num_images = gr.Slider(1, MAX_IMAGES, value=8, step=1, label="number of images")
                     seed = gr.Number(0, label="seed (image i uses seed + i)", precision=0)
-                scheduler = gr.Dropdown(list(SCHEDULERS), value=DEFAULT_SCHEDULER, label="sampler")
-                steps = gr.Slider(1, max_steps, value=DEFAULT_NUM_INFERENCE_STEPS, step=1, label="steps")
+                scheduler = gr.Dropdown(list(SCHEDULERS), value=default_scheduler, label="sampler")
+                steps = gr.Slider(1, max_steps, value=default_steps, step=1, label="steps")
                 guidance = gr.Slider(
                     0, cli.MAX_GUIDANCE_SCALE, value=DEFAULT_GUIDANCE_SCALE, step=0.5, label="guidance (1 or less: off)"
                 )

@@ -23,11 +23,13 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     ImagePipelineOutput,
+    LCMScheduler,
     UNet2DConditionModel,
     UNet2DModel,
 )
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.embeddings import get_timestep_embedding
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
 from diffusers.utils.torch_utils import randn_tensor
@@ -49,38 +51,55 @@ PRESETS = {
 }
 OUTPUT_TYPES = ("pil", "np", "pt")
 # Samplers by name, each built from the trained DDPM config; "dpm++sde" and "euler-a" add fresh noise at every step.
+# "lcm" is a distilled pipeline's own, and the only one that suits it.
 SCHEDULERS = {
     "ddpm": DDPMScheduler.from_config,
     "ddim": DDIMScheduler.from_config,
     "dpm++": DPMSolverMultistepScheduler.from_config,
     "dpm++sde": partial(DPMSolverMultistepScheduler.from_config, algorithm_type="sde-dpmsolver++"),
     "euler-a": EulerAncestralDiscreteScheduler.from_config,
+    "lcm": LCMScheduler.from_config,
 }
+DISTILLED_SCHEDULER = "lcm"
 # The sampling defaults of every command, the model card and the docs (docs/results.md: chosen on held-out label sets).
 DEFAULT_SCHEDULER = "euler-a"
 DEFAULT_NUM_INFERENCE_STEPS = 25
 DEFAULT_GUIDANCE_SCALE = 3.0
+# A distilled pipeline (`distill_conditional_ddpm.py`) samples with its own LCMScheduler, one UNet pass per step.
+DISTILLED_NUM_INFERENCE_STEPS = 4
 MAX_GUIDANCE_SCALE = 100.0  # far past any useful guidance: beyond it the samples saturate to black or white
 HUB_TAGS = ["cond-ddpm", "i-clevr", "class-conditional", "ddpm", "classifier-free-guidance"]
+DISTILLED_HUB_TAGS = [*HUB_TAGS, "consistency-distillation", "lcm"]
 
 
-def usage_snippet(location: str) -> str:
+def usage_snippet(location: str, distilled: bool = False) -> str:
     """Python that loads the pipeline at `location` (a Hub id or folder) with plain diffusers and draws two scenes
-    with the project's default sampler, steps and guidance: what a model card shows. Its strings are all in double
-    quotes, so that it also runs as `python -c '...'` (the line the training script prints at the end)."""
-    make_scheduler = SCHEDULERS[DEFAULT_SCHEDULER]
-    scheduler_class = getattr(make_scheduler, "func", make_scheduler).__self__.__name__
-    options = "".join(f", {key}={value!r}" for key, value in getattr(make_scheduler, "keywords", {}).items())
+    with the project's default sampler, steps and guidance (a distilled pipeline: its own sampler, in
+    `DISTILLED_NUM_INFERENCE_STEPS`): what a model card shows. Its strings are all in double quotes, so that it also
+    runs as `python -c '...'` (the line the training scripts print at the end)."""
+    steps = DISTILLED_NUM_INFERENCE_STEPS if distilled else DEFAULT_NUM_INFERENCE_STEPS
+    imports, set_sampler = "DiffusionPipeline", ""
+    if not distilled:
+        make_scheduler = SCHEDULERS[DEFAULT_SCHEDULER]
+        scheduler_class = getattr(make_scheduler, "func", make_scheduler).__self__.__name__
+        options = "".join(f", {key}={value!r}" for key, value in getattr(make_scheduler, "keywords", {}).items())
+        imports += f", {scheduler_class}"
+        set_sampler = f"pipe.scheduler = {scheduler_class}.from_config(pipe.scheduler.config{options})\n"
     return f"""import torch
-from diffusers import DiffusionPipeline, {scheduler_class}
+from diffusers import {imports}
 
 pipe = DiffusionPipeline.from_pretrained({json.dumps(location)}, trust_remote_code=True)
-pipe.scheduler = {scheduler_class}.from_config(pipe.scheduler.config{options})
-labels = [["red cube", "blue sphere"], ["gray cylinder", "yellow sphere", "cyan cube"]]
-steps, guidance, generator = {DEFAULT_NUM_INFERENCE_STEPS}, {DEFAULT_GUIDANCE_SCALE}, torch.Generator().manual_seed(0)
+{set_sampler}labels = [["red cube", "blue sphere"], ["gray cylinder", "yellow sphere", "cyan cube"]]
+steps, guidance, generator = {steps}, {DEFAULT_GUIDANCE_SCALE}, torch.Generator().manual_seed(0)
 images = pipe(labels, num_inference_steps=steps, guidance_scale=guidance, generator=generator).images
 images[0].save("scene.png")
 """
+
+
+def guidance_scale_embedding(guidance_scale: torch.Tensor, embedding_dim: int) -> torch.Tensor:
+    """What a distilled UNet takes as `timestep_cond`: the sinusoidal embedding of w = guidance_scale - 1, as
+    diffusers' LCM pipelines make it (`get_guidance_scale_embedding`), so w = 0 is the conditional prediction alone."""
+    return get_timestep_embedding((guidance_scale - 1) * 1000, embedding_dim, flip_sin_to_cos=False)
 
 
 def multi_hot(labels, class_names: Sequence[str]) -> torch.Tensor:
@@ -217,7 +236,9 @@ class CondDDPMPipeline(DiffusionPipeline):
             Maps multi-hot labels to the UNet's conditioning; its config holds the object vocabulary.
         scheduler ([`SchedulerMixin`]):
             The noise schedule; a [`DDPMScheduler`] as trained. Any diffusers scheduler made with
-            `from_config(pipe.scheduler.config)` (DDIM, DPM-Solver++, ...) works in its place.
+            `from_config(pipe.scheduler.config)` (DDIM, DPM-Solver++, ...) works in its place. A distilled pipeline
+            (a UNet with `time_cond_proj_dim`, which takes the guidance scale as an input) comes with the
+            [`LCMScheduler`] it was distilled for.
     """
 
     model_cpu_offload_seq = "label_embedding->unet"
@@ -292,6 +313,12 @@ class CondDDPMPipeline(DiffusionPipeline):
         return list(self.label_embedding.config.class_names)
 
     @property
+    def is_distilled(self) -> bool:
+        """Whether the UNet takes the guidance scale as an input (a consistency-distilled student): then one UNet
+        pass per step draws a guided image, instead of a conditional and an unconditional one."""
+        return self.unet.config.get("time_cond_proj_dim") is not None
+
+    @property
     def image_size(self) -> tuple:
         """(height, width) of the images drawn: the UNet's `sample_size`, one side or a pair."""
         size = self.unet.config.sample_size
@@ -311,13 +338,20 @@ class CondDDPMPipeline(DiffusionPipeline):
         """Validate the call's arguments and the UNet's image size. Return the labels as a multi-hot tensor, the step
         count as an int and the guidance scale as a float."""
         encoded = multi_hot(labels, self.class_names)
+        if num_inference_steps is None:
+            num_inference_steps = (
+                DISTILLED_NUM_INFERENCE_STEPS if self.is_distilled else self.scheduler.config.num_train_timesteps
+            )
         # The UNet knows num_train_timesteps noise levels: DDPM and DDIM refuse more steps deep inside, others go on.
-        max_steps = self.scheduler.config.num_train_timesteps
+        # An LCM scheduler picks its steps among the `original_inference_steps` of the solver it was distilled on.
+        max_steps, limit = self.scheduler.config.num_train_timesteps, "the scheduler's num_train_timesteps"
+        if isinstance(self.scheduler, LCMScheduler):
+            max_steps = self.scheduler.config.original_inference_steps
+            limit = "the LCM scheduler's original_inference_steps, the teacher solver's steps it was distilled on"
         steps = _as_integer(num_inference_steps)
         if steps is None or not 1 <= steps <= max_steps:
             raise ValueError(
-                f"num_inference_steps must be an integer from 1 to {max_steps} (the scheduler's num_train_timesteps),"
-                f" got {num_inference_steps!r}"
+                f"num_inference_steps must be an integer from 1 to {max_steps} ({limit}), got {num_inference_steps!r}"
             )
         scale = _as_real(guidance_scale)
         if scale is None or not 0 <= scale <= MAX_GUIDANCE_SCALE:  # also refuses nan
@@ -372,7 +406,7 @@ class CondDDPMPipeline(DiffusionPipeline):
     def __call__(
         self,
         labels,
-        num_inference_steps: int = 1000,
+        num_inference_steps: int | None = None,
         guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
@@ -387,14 +421,15 @@ class CondDDPMPipeline(DiffusionPipeline):
             labels (`list[list[str | int]]`, `torch.Tensor` or `np.ndarray`):
                 The objects to draw: a list of label sets, each a list of object names (`"red cube"`) or indices,
                 or a multi-hot array of shape (batch, number of objects). An empty label set draws unconditionally.
-            num_inference_steps (`int`, *optional*, defaults to 1000):
-                The number of denoising steps, at most the scheduler's `num_train_timesteps`. The bundled DDPM
-                scheduler needs the full 1000; the project's default sampler, `SCHEDULERS[DEFAULT_SCHEDULER]` (Euler
-                ancestral), needs `DEFAULT_NUM_INFERENCE_STEPS` (25).
+            num_inference_steps (`int`, *optional*):
+                The number of denoising steps, at most the scheduler's `num_train_timesteps` (an LCM scheduler's
+                `original_inference_steps`). Defaults to the bundled DDPM scheduler's full 1000; the project's default
+                sampler, `SCHEDULERS[DEFAULT_SCHEDULER]` (Euler ancestral), needs `DEFAULT_NUM_INFERENCE_STEPS` (25).
+                A distilled pipeline defaults to `DISTILLED_NUM_INFERENCE_STEPS` (4).
             guidance_scale (`float`, *optional*, defaults to `DEFAULT_GUIDANCE_SCALE` (3.0)):
                 Classifier-free guidance weight, from 0 to `MAX_GUIDANCE_SCALE` (100). Values above 1 push the image
                 towards its labels, at the cost of a second (unconditional) UNet pass in the same batch; 1 or less
-                skips that pass.
+                skips that pass. A distilled UNet takes the scale as an input instead, in its one pass per step.
             generator (`torch.Generator`, *optional*):
                 A generator (or one per image) that makes generation deterministic.
             output_type (`str`, *optional*, defaults to `"pil"`):
@@ -440,10 +475,14 @@ class CondDDPMPipeline(DiffusionPipeline):
         # With model CPU offload the modules wait on the CPU; the execution device is where their hooks run them.
         device = self._execution_device
         labels = labels.to(device)
-        do_guidance = guidance_scale > 1
+        do_guidance = guidance_scale > 1 and not self.is_distilled
         if do_guidance:  # conditional and unconditional passes run as one batch
             labels = torch.cat([labels, torch.zeros_like(labels)])
         conditioning = {k: v.to(self.unet.dtype) for k, v in self.label_embedding(labels).items()}
+        if self.is_distilled:
+            scales = torch.full((len(labels),), guidance_scale, device=device)
+            embedding = guidance_scale_embedding(scales, self.unet.config.time_cond_proj_dim)
+            conditioning["timestep_cond"] = embedding.to(self.unet.dtype)
 
         batch_size = len(labels) // 2 if do_guidance else len(labels)
         shape = (batch_size, self.unet.config.in_channels, *self.image_size)
@@ -502,11 +541,12 @@ class CondDDPMPipeline(DiffusionPipeline):
             repo_id = create_repo(repo_id, private=hub_kwargs.get("private"), token=token, exist_ok=True).repo_id
             description = (
                 "A label-conditioned DDPM (cond-ddpm) that draws i-CLEVR scenes from lists of object names:"
-                f"\n\n```python\n{usage_snippet(repo_id)}```\n"
+                f"\n\n```python\n{usage_snippet(repo_id, self.is_distilled)}```\n"
             )
             # is_modular: diffusers then takes the description as the card's text instead of its TODO template.
             card = load_or_create_model_card(repo_id, token=token, model_description=description, is_modular=True)
-            populate_model_card(card, tags=[tag for tag in HUB_TAGS if tag not in (card.data.tags or [])])
+            tags = DISTILLED_HUB_TAGS if self.is_distilled else HUB_TAGS
+            populate_model_card(card, tags=[tag for tag in tags if tag not in (card.data.tags or [])])
             card.save(Path(save_directory) / "README.md")
             upload_folder(
                 repo_id=repo_id,

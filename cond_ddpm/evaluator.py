@@ -67,16 +67,22 @@ def save_evaluator(model: nn.Module, path) -> Path:
     return atomic_write(path, lambda temporary: torch.save({"model": model.state_dict()}, temporary))
 
 
+def top_k_hits(probabilities: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per image, how many of its k top-scoring objects are in its label set (k = the objects in the set)."""
+    return torch.tensor(
+        [
+            int(label[scores.topk(int(label.sum())).indices].sum())
+            for scores, label in zip(probabilities, labels, strict=True)
+        ]
+    )
+
+
 def accuracy(probabilities: torch.Tensor, labels: torch.Tensor) -> float:
     """The course's metric, pooled over all images: top-k hits / total labels, k = objects in each label set."""
-    hits = total = 0
-    for scores, label in zip(probabilities, labels, strict=True):
-        k = int(label.sum())
-        hits += int(label[scores.topk(k).indices].sum())
-        total += k
+    total = int(labels.sum())
     if total == 0:
         raise ValueError("accuracy needs at least one object in the label sets")
-    return hits / total
+    return int(top_k_hits(probabilities, labels).sum()) / total
 
 
 def upsample(images: torch.Tensor) -> torch.Tensor:
@@ -91,9 +97,14 @@ def to_evaluator_pixels(images: torch.Tensor) -> torch.Tensor:
     return (upsample(images) * 255).round().clamp(0, 255).to(torch.uint8)
 
 
-@torch.no_grad()
 def evaluate(evaluator: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
     """Accuracy of 8-bit images (B, 3, 64, 64) against multi-hot labels."""
+    return accuracy(object_scores(evaluator, images), labels.cpu())
+
+
+@torch.no_grad()
+def object_scores(evaluator: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The evaluator's probability of each object, per 8-bit image (B, 3, 64, 64), on the CPU."""
     device = next(evaluator.parameters()).device
     probabilities = evaluator(images.to(device).float() / 127.5 - 1).cpu()
     # topk ranks NaN above every number, so NaN scores would still give an accuracy, and a meaningless one.
@@ -103,4 +114,4 @@ def evaluate(evaluator: nn.Module, images: torch.Tensor, labels: torch.Tensor) -
             f"the evaluator produced non-finite scores (NaN or inf) for {unscored} of {len(probabilities)} images;"
             " check its weights: no accuracy can be computed from them"
         )
-    return accuracy(probabilities, labels.cpu())
+    return probabilities

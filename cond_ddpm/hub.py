@@ -5,6 +5,7 @@ diffusers: `DiffusionPipeline.from_pretrained(repo_id, trust_remote_code=True)`.
 """
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
@@ -12,7 +13,7 @@ from huggingface_hub import EvalResult, ModelCard, create_repo, upload_folder, w
 from jinja2 import Template
 
 from cond_ddpm.atomic_io import LOCK_NAME
-from pipeline_cond_ddpm import HUB_TAGS, usage_snippet
+from pipeline_cond_ddpm import DISTILLED_HUB_TAGS, HUB_TAGS, usage_snippet
 
 # A training run's folder also holds checkpoints, logs and per-epoch samples: none of that belongs on the Hub.
 IGNORE_PATTERNS = ["checkpoint-*", ".incomplete-*", LOCK_NAME, "best/*", "samples/*"]
@@ -47,6 +48,20 @@ CARD_SETTINGS = (
     "seed",
 )
 
+
+@dataclass(frozen=True)
+class CardText:
+    """What a model card says of how its pipeline was made: the model, a sentence, and the settings it lists."""
+
+    model: str  # the title's description, e.g. "cpu preset"
+    made_by: str  # how the pipeline was made, e.g. "trained with cond-ddpm's `train_conditional_ddpm.py`"
+    setting_names: tuple[str, ...]  # the keys of the run's settings that the card's table shows
+
+
+def trained_card(preset: str) -> CardText:
+    return CardText(f"{preset} preset", "trained with cond-ddpm's `train_conditional_ddpm.py`", CARD_SETTINGS)
+
+
 # The front matter is the new card's metadata; `write_model_card` adds the rest (tags, model-index).
 CARD_TEMPLATE = """---
 license: apache-2.0
@@ -55,7 +70,7 @@ license: apache-2.0
 # {{ title }}
 
 A label-conditioned DDPM that draws {{ resolution }}x{{ resolution }} multi-object scenes (i-CLEVR: 3 shapes x 8
-colours, 1-3 objects per image) from lists of object names, trained with cond-ddpm's `train_conditional_ddpm.py`.
+colours, 1-3 objects per image) from lists of object names, {{ made_by }}.
 
 ![samples of held-out label sets]({{ sample_grid }})
 
@@ -73,7 +88,7 @@ The objects it knows: {{ class_names }}.
 ## Training
 
 - Data: {{ data }}
-- Model: the `{{ preset }}` preset, {{ parameters }}M parameters, {{ steps }} optimisation steps
+- Model: {{ model }}, {{ parameters }}M parameters, {{ steps }} optimisation steps
 - Settings:
 
 | setting | value |
@@ -102,9 +117,19 @@ def failure_reason(error: Exception, token: str | None) -> str:
 
 
 def write_model_card(
-    folder, pipeline, settings: dict, metrics: dict, sample_grid, steps: int, location: str, repo_id=None, token=None
+    folder,
+    pipeline,
+    settings: dict,
+    metrics: dict,
+    sample_grid,
+    steps: int,
+    location: str,
+    repo_id=None,
+    token=None,
+    card_text: CardText | None = None,
 ):
-    """Write README.md (and the sample grid it shows) into a saved pipeline folder.
+    """Write README.md (and the sample grid it shows) into a saved pipeline folder; `card_text` says how the pipeline
+    was made (default: trained, of `settings["preset"]`).
 
     With `repo_id`, a card that repository already has on the Hub is kept, as diffusers' training scripts keep it;
     only its tags and, with `metrics`, its `model-index` scores are brought up to date.
@@ -130,20 +155,23 @@ def write_model_card(
         data = "i-CLEVR images with their `train.json` labels"
     else:
         data = f"the built-in synthetic i-CLEVR set ({settings['synthetic_scenes']} rendered scenes, 3 images each)"
+    card_text = card_text or trained_card(settings["preset"])
     parameters = sum(p.numel() for module in (pipeline.unet, pipeline.label_embedding) for p in module.parameters())
-    title = f"cond-ddpm: {settings['preset']} preset, {settings['resolution']}x{settings['resolution']}"
+    resolution = pipeline.image_size[0]
+    title = f"cond-ddpm: {card_text.model}, {resolution}x{resolution}"
     text = Template(CARD_TEMPLATE).render(
         title=title,
-        resolution=settings["resolution"],
+        resolution=resolution,
+        made_by=card_text.made_by,
         sample_grid=SAMPLE_GRID,
-        usage=usage_snippet(location),
+        usage=usage_snippet(location, pipeline.is_distilled),
         class_names=", ".join(pipeline.class_names),
         evaluation=evaluation,
         data=data,
-        preset=settings["preset"],
+        model=card_text.model,
         parameters=f"{parameters / 1e6:.2f}",
         steps=steps,
-        settings="\n".join(f"| {key} | {settings.get(key)} |" for key in CARD_SETTINGS),
+        settings="\n".join(f"| {key} | {settings.get(key)} |" for key in card_text.setting_names),
     )
     if repo_id is None:
         card = ModelCard(text)
@@ -153,7 +181,8 @@ def write_model_card(
     if metrics:
         card.data.model_name = card.data.model_name or title
         card.data.eval_results = evaluation_results(metrics)
-    populate_model_card(card, tags=[tag for tag in HUB_TAGS if tag not in (card.data.tags or [])])
+    tags = DISTILLED_HUB_TAGS if pipeline.is_distilled else HUB_TAGS
+    populate_model_card(card, tags=[tag for tag in tags if tag not in (card.data.tags or [])])
     card.save(folder / "README.md")
 
 

@@ -11,7 +11,14 @@ from tqdm.auto import tqdm
 
 from cond_ddpm.evaluator import first_sentence, to_evaluator_pixels
 from cond_ddpm.grids import captioned_grid
-from pipeline_cond_ddpm import SCHEDULERS, CondDDPMPipeline
+from pipeline_cond_ddpm import (
+    DEFAULT_NUM_INFERENCE_STEPS,
+    DEFAULT_SCHEDULER,
+    DISTILLED_NUM_INFERENCE_STEPS,
+    DISTILLED_SCHEDULER,
+    SCHEDULERS,
+    CondDDPMPipeline,
+)
 
 DENOISING_FRAMES = 8  # the steps a denoising strip shows: `evaluate_iclevr.py denoise` and the demo
 
@@ -39,9 +46,25 @@ def load_pipeline(path, class_names: list[str], device) -> CondDDPMPipeline:
     return pipeline
 
 
+def default_sampler(pipeline: CondDDPMPipeline) -> tuple[str, int]:
+    """The sampler and step count a pipeline is scored with unless told otherwise: the project's default, or a
+    distilled pipeline's LCM scheduler in its few steps."""
+    if pipeline.is_distilled:
+        return DISTILLED_SCHEDULER, DISTILLED_NUM_INFERENCE_STEPS
+    return DEFAULT_SCHEDULER, DEFAULT_NUM_INFERENCE_STEPS
+
+
 def set_scheduler(pipeline: CondDDPMPipeline, name: str) -> None:
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    if pipeline.is_distilled != (name == DISTILLED_SCHEDULER):
+        raise ValueError(
+            f"the pipeline in {pipeline.name_or_path} is distilled: it samples with its {DISTILLED_SCHEDULER} scheduler"
+            " only"
+            if pipeline.is_distilled
+            else f"the {DISTILLED_SCHEDULER} sampler draws with a distilled pipeline only (distill_conditional_ddpm.py"
+            f" makes one from this one); choose another of {', '.join(n for n in SCHEDULERS if n != name)}"
+        )
     try:
         pipeline.scheduler = SCHEDULERS[name](pipeline.scheduler.config)
     except (ValueError, NotImplementedError) as error:  # a noise schedule the DDPM scheduler has and this one lacks

@@ -1,9 +1,11 @@
 """Shared test inputs: the real vocabulary, a few rendered scenes, a tiny untrained pipeline and evaluator."""
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 # Rendered and resized data go to a cache of the test session's own, never the user's (read at import below).
@@ -61,17 +63,36 @@ def run_python(*args, env=None, cwd=ROOT, timeout=600):
     )
 
 
-def training_args(output_dir, data_dir, *extra):
-    """Flags for a few seconds of training: the tiny preset at 16x16 on the rendered test scenes."""
+def start_training(args, script="train_conditional_ddpm.py", **popen_options):
+    """A training script started in a process of its own, its output (stdout and stderr) to read as it runs."""
+    return subprocess.Popen(
+        [sys.executable, script, *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        **popen_options,
+    )
+
+
+def wait_for(process, pattern, timeout=300):
+    """Read the process's output until a line matches; return everything read."""
+    seen, deadline = [], time.time() + timeout
+    for line in process.stdout:
+        seen.append(line)
+        if re.search(pattern, line) or time.time() > deadline:
+            break
+    return "".join(seen)
+
+
+def run_args(output_dir, data_dir, *extra):
+    """The flags both training scripts take, for a few seconds of work on the rendered test scenes."""
     return [
         "--train_data_dir",
         str(data_dir / "images"),
         "--train_json",
         str(data_dir / "train.json"),
-        "--preset",
-        "tiny",
-        "--resolution",
-        "16",
         "--train_batch_size",
         "4",
         "--dataloader_num_workers",
@@ -86,8 +107,6 @@ def training_args(output_dir, data_dir, *extra):
         "none",
         "--num_validation_images",
         "4",
-        "--ddpm_num_inference_steps",
-        "2",
         "--save_images_epochs",
         "100",
         "--mixed_precision",
@@ -96,6 +115,13 @@ def training_args(output_dir, data_dir, *extra):
         str(output_dir),
         *map(str, extra),
     ]
+
+
+def training_args(output_dir, data_dir, *extra):
+    """Flags for a few seconds of training: the tiny preset at 16x16 on the rendered test scenes."""
+    return run_args(
+        output_dir, data_dir, "--preset", "tiny", "--resolution", "16", "--ddpm_num_inference_steps", "2", *extra
+    )
 
 
 def load_weights(folder):

@@ -1,9 +1,11 @@
 """benchmarks/quality.py: what a recipe's images are scored against, and which recipes need a GPU."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -89,3 +91,25 @@ def test_training_stopped_by_the_clock_is_waited_for_until_it_lets_go_of_its_fol
     assert record["stopped_by_clock"] is True
     assert (tmp_path / "state").read_text() == "saved"  # returned only once the child had finished its save
     assert 0.04 < record["training_minutes"] < 1
+
+
+def test_scores_come_with_bootstrap_intervals_and_paired_differences(quality):
+    rng = np.random.default_rng(0)
+    objects = rng.integers(1, 4, 256)
+    teacher = {"held_out": {"hits": rng.binomial(objects, 0.9, (3, 256)), "objects": objects, "seconds": 10.0}}
+    student = {"held_out": {"hits": rng.binomial(objects, 0.7, (3, 256)), "objects": objects, "seconds": 1.0}}
+    first = quality.summarise(teacher, None)["held_out"]
+    low, high = first["interval"]
+    assert low < first["accuracy"] < high and 0.01 < high - low < 0.1
+    same = quality.summarise(teacher, teacher)["held_out"]
+    assert same["difference"] == 0 and same["difference_interval"] == [0.0, 0.0]
+    summary = quality.summarise(student, teacher)
+    low, high = summary["held_out"]["difference_interval"]
+    assert low < summary["held_out"]["difference"] < high < 0
+    assert summary["images_per_second"] == 768 / 1.0
+
+
+def test_unseen_triples_are_all_of_them_where_fewer_are_asked_for(quality, tmp_path):
+    class_names = ["red cube", "blue cube", "red sphere", "blue sphere"]
+    (tmp_path / "train.json").write_text(json.dumps({"a.png": ["red cube", "blue cube", "red sphere"]}))
+    assert len(quality.unseen_triples(tmp_path / "train.json", class_names, count=256)) == 3

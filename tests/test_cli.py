@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import distill_conditional_ddpm
 import evaluate_iclevr
 import train_conditional_ddpm
 from cond_ddpm import data as iclevr_data
@@ -32,6 +33,7 @@ def benchmark_main(name, monkeypatch):
 
 COMMANDS = {
     "train_conditional_ddpm.py": lambda monkeypatch: train_conditional_ddpm.parse_args([]),
+    "distill_conditional_ddpm.py": lambda monkeypatch: distill_conditional_ddpm.parse_args([]),
     "evaluate_iclevr.py": lambda monkeypatch: evaluate_iclevr.parse_args([]),
     "python -m cond_ddpm.data": lambda monkeypatch: iclevr_data.main([]),
     **{

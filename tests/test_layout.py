@@ -4,7 +4,7 @@ import ast
 
 from conftest import ROOT
 
-SCRIPTS = {"train_conditional_ddpm", "evaluate_iclevr"}
+SCRIPTS = {"train_conditional_ddpm", "distill_conditional_ddpm", "evaluate_iclevr"}
 # A benchmark that must resolve the training flags exactly as the script does may take its parser, and nothing else.
 ALLOWED = {("benchmarks/gpu_check.py", "train_conditional_ddpm", "parse_args")}
 
@@ -24,6 +24,17 @@ def test_the_library_and_the_benchmarks_import_no_script():
         for module, name in imported_names(path):
             if module.split(".")[0] in SCRIPTS and (where, module, name) not in ALLOWED:
                 wrong.append(f"{where} imports {module}{f'.{name}' if name else ''}")
+    assert not wrong, wrong
+
+
+def test_the_scripts_import_no_other_script():
+    """What two scripts share lives in cond_ddpm (the training machinery in cond_ddpm/training)."""
+    wrong = [
+        f"{script}.py imports {module}"
+        for script in sorted(SCRIPTS)
+        for module, _ in imported_names(ROOT / f"{script}.py")
+        if module.split(".")[0] in SCRIPTS - {script}
+    ]
     assert not wrong, wrong
 
 

@@ -6,40 +6,17 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
 import torch
-from conftest import ROOT, assert_same_weights, run_python, training_args
+from conftest import ROOT, assert_same_weights, run_python, start_training, training_args, wait_for
 
 import train_conditional_ddpm
 from cond_ddpm.training.checkpoints import find_checkpoints
 from train_conditional_ddpm import parse_args
 
 # --- A stop at a step boundary, and a resume that matches an uninterrupted run ----------------------------------------
-
-
-def start_training(args, **popen_options):
-    return subprocess.Popen(
-        [sys.executable, "train_conditional_ddpm.py", *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        **popen_options,
-    )
-
-
-def wait_for(process, pattern, timeout=300):
-    """Read the process's output until a line matches; return everything read."""
-    seen, deadline = [], time.time() + timeout
-    for line in process.stdout:
-        seen.append(line)
-        if re.search(pattern, line) or time.time() > deadline:
-            break
-    return "".join(seen)
 
 
 def test_sigterm_saves_a_checkpoint_and_resuming_matches_an_uninterrupted_run(tmp_path, synthetic_dir):

@@ -18,6 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import train_conditional_ddpm
 from cond_ddpm.grids import LINE_HEIGHT
 from cond_ddpm.recipes import RECIPES
+from cond_ddpm.training import flags, samples
 from pipeline_cond_ddpm import CondDDPMPipeline
 
 
@@ -173,7 +174,7 @@ def test_a_missing_checkpoint_is_named(tmp_path, synthetic_dir, capsys):
 
 
 def test_wandb_without_wandb_installed_fails_before_training(tmp_path, synthetic_dir, monkeypatch, capsys):
-    monkeypatch.setattr(train_conditional_ddpm, "is_wandb_available", lambda: False)
+    monkeypatch.setattr(flags, "is_wandb_available", lambda: False)
     with pytest.raises(SystemExit):
         train_conditional_ddpm.parse_args(training_args(tmp_path / "run", synthetic_dir, "--logger", "wandb"))
     assert "error: --logger wandb needs wandb: pip install wandb" in capsys.readouterr().err
@@ -192,11 +193,11 @@ def test_validation_samples_go_to_every_active_tracker_as_the_captioned_grid(tmp
     trackers = [FakeTracker("wandb"), FakeTracker("tensorboard")]
     accelerator = SimpleNamespace(trackers=trackers)
     images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
-    monkeypatch.setattr(train_conditional_ddpm, "sample", lambda args, pipeline, label_sets, callback: images)
-    args, stop = SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(check_during_sampling=None)
+    monkeypatch.setattr(samples, "sample", lambda sampling, pipeline, label_sets, callback: images)
+    stop = SimpleNamespace(check_during_sampling=None)
     label_sets = [["red cube"], ["blue sphere", "green cube"], ["gray cube"], ["cyan cylinder"]]
     pipeline = SimpleNamespace(class_names=class_names)
-    train_conditional_ddpm.validate(args, accelerator, pipeline, label_sets, None, 0, 7, 0.0, stop)
+    samples.Validation(None, label_sets, None, tmp_path).draw(accelerator, pipeline, 0, 7, stop)
     with Image.open(tmp_path / "samples" / "latest.png") as grid:
         captioned = np.asarray(grid)
     for tracker in trackers:

@@ -200,9 +200,9 @@ def shown_setting(key: str, value) -> str:
     return repr(value)
 
 
-def check_resumable(checkpoint: Path, training_state: dict):
+def check_resumable(checkpoint: Path, training_state: dict, must_match=RESUME_MUST_MATCH):
     saved = json.loads((checkpoint / "training_state.json").read_text())
-    for key in RESUME_MUST_MATCH:
+    for key in must_match:
         if saved.get(key) != training_state[key]:
             raise ValueError(
                 f"cannot resume from {checkpoint}: it was trained with {key} = {shown_setting(key, saved.get(key))},"
@@ -253,16 +253,25 @@ def register_checkpoint_hooks(accelerator, noise_scheduler, emas):
     accelerator.register_load_state_pre_hook(load_model_hook)
 
 
-def resume(accelerator, choice, output_dir: Path, training_state: dict, max_train_steps: int, use_ema: bool) -> int:
+def resume(
+    accelerator,
+    choice,
+    output_dir: Path,
+    training_state: dict,
+    max_train_steps: int,
+    use_ema: bool,
+    must_match=RESUME_MUST_MATCH,
+) -> int:
     """Load weights, EMA, optimizer, LR schedule and RNG states from the checkpoint `choice` names (as
-    --resume_from_checkpoint takes it; None: none); return its step (0 when there is none to resume)."""
+    --resume_from_checkpoint takes it; None: none); return its step (0 when there is none to resume). The keys of
+    `training_state` named in `must_match` must be those the checkpoint was saved with."""
     if not choice:
         return 0
     checkpoint = checkpoint_to_resume(choice, output_dir)
     if checkpoint is None:
         logger.warning(f"no finished checkpoint in {output_dir}; starting a new run")
         return 0
-    step = check_resumable(checkpoint, training_state)
+    step = check_resumable(checkpoint, training_state, must_match)
     if step > max_train_steps:
         raise ValueError(
             f"{checkpoint} is at step {step}, past the {max_train_steps} steps this run is asked for; raise"

@@ -5,12 +5,16 @@ from contextlib import contextmanager
 from diffusers.training_utils import EMAModel
 
 
-def make_emas(denoiser, max_decay: float, inv_gamma: float, power: float) -> dict[str, EMAModel]:
-    """One EMA copy per trained module, keyed by its attribute name on `Denoiser`, warming up to `max_decay`."""
+def make_emas(
+    denoiser, max_decay: float, inv_gamma: float = 1.0, power: float = 3 / 4, min_decay: float = 0.0
+) -> dict[str, EMAModel]:
+    """One EMA copy per trained module, keyed by its attribute name on `Denoiser`, warming up to `max_decay`
+    (`min_decay` = `max_decay`: no warm-up, the same decay from the second step on)."""
     return {
         name: EMAModel(
             module.parameters(),
             decay=max_decay,
+            min_decay=min_decay,
             use_ema_warmup=True,
             inv_gamma=inv_gamma,
             power=power,
@@ -26,6 +30,12 @@ def update_ema(accelerator, denoiser, emas):
     model = accelerator.unwrap_model(denoiser)
     for name, ema in emas.items():
         ema.step(getattr(model, name).parameters())
+
+
+def copy_emas_into(emas, model):
+    """Give `model`, a `Denoiser` outside the optimizer, the EMA weights (the distillation's target network)."""
+    for name, ema in emas.items():
+        ema.copy_to(getattr(model, name).parameters())
 
 
 @contextmanager

@@ -17,8 +17,9 @@ class Denoiser(nn.Module):
         super().__init__()
         self.unet, self.label_embedding = unet, label_embedding
 
-    def forward(self, noisy_images, timesteps, labels):
-        return self.unet(noisy_images, timesteps, **self.label_embedding(labels)).sample
+    def forward(self, noisy_images, timesteps, labels, **unet_inputs):
+        """The UNet's prediction; `unet_inputs` go to the UNet too (a distilled student's `timestep_cond`)."""
+        return self.unet(noisy_images, timesteps, **self.label_embedding(labels), **unet_inputs).sample
 
 
 def build_pipeline(accelerator, denoiser, noise_scheduler) -> CondDDPMPipeline:
