@@ -58,8 +58,7 @@ def build_demo(pipeline: CondDDPMPipeline) -> gr.Blocks:
     class_names = pipeline.class_names
     # A distilled pipeline starts at its LCM scheduler's few steps, among the solver's it was distilled on.
     default_scheduler, default_steps = sampling.default_sampler(pipeline)
-    config = pipeline.scheduler.config
-    max_steps = config.original_inference_steps if pipeline.is_distilled else config.num_train_timesteps
+    max_steps = pipeline.max_inference_steps
     iclevr = read_objects_json()
     vocabulary = (
         ""

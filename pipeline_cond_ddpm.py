@@ -319,6 +319,15 @@ class CondDDPMPipeline(DiffusionPipeline):
         return self.unet.config.get("time_cond_proj_dim") is not None
 
     @property
+    def max_inference_steps(self) -> int:
+        """The most steps the scheduler can take. The UNet knows num_train_timesteps noise levels (DDPM and DDIM
+        refuse more deep inside, others go on); an LCM scheduler picks its steps among the `original_inference_steps`
+        of the solver it was distilled on."""
+        if isinstance(self.scheduler, LCMScheduler):
+            return self.scheduler.config.original_inference_steps
+        return self.scheduler.config.num_train_timesteps
+
+    @property
     def image_size(self) -> tuple:
         """(height, width) of the images drawn: the UNet's `sample_size`, one side or a pair."""
         size = self.unet.config.sample_size
@@ -342,11 +351,8 @@ class CondDDPMPipeline(DiffusionPipeline):
             num_inference_steps = (
                 DISTILLED_NUM_INFERENCE_STEPS if self.is_distilled else self.scheduler.config.num_train_timesteps
             )
-        # The UNet knows num_train_timesteps noise levels: DDPM and DDIM refuse more steps deep inside, others go on.
-        # An LCM scheduler picks its steps among the `original_inference_steps` of the solver it was distilled on.
-        max_steps, limit = self.scheduler.config.num_train_timesteps, "the scheduler's num_train_timesteps"
+        max_steps, limit = self.max_inference_steps, "the scheduler's num_train_timesteps"
         if isinstance(self.scheduler, LCMScheduler):
-            max_steps = self.scheduler.config.original_inference_steps
             limit = "the LCM scheduler's original_inference_steps, the teacher solver's steps it was distilled on"
         steps = _as_integer(num_inference_steps)
         if steps is None or not 1 <= steps <= max_steps:

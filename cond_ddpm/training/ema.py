@@ -44,7 +44,7 @@ def ema_weights(accelerator, denoiser, emas):
     model = accelerator.unwrap_model(denoiser)
     for name, ema in emas.items():
         ema.store(getattr(model, name).parameters())
-        ema.copy_to(getattr(model, name).parameters())
+    copy_emas_into(emas, model)
     try:
         yield
     finally:
